@@ -1,0 +1,33 @@
+"""Process-wide runtime settings: devices and thread counts for torch and faiss."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Map "auto" to CUDA when present, else CPU; validate explicit names."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Set torch and faiss (OpenMP) thread counts explicitly; both bring OpenMP and may deadlock otherwise.
+
+    `num_threads` defaults to $PATCHCORE_THREADS or the number of usable cores.
+    """
+    if num_threads is None:
+        env = os.environ.get("PATCHCORE_THREADS")
+        num_threads = int(env) if env else len(os.sched_getaffinity(0))
+    num_threads = max(1, int(num_threads))
+    torch.set_num_threads(num_threads)
+    import faiss
+
+    faiss.omp_set_num_threads(num_threads)
+    return num_threads
