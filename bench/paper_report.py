@@ -1,0 +1,96 @@
+"""Paper-style report on MVTec AD: PatchCore vs SPADE vs PaDiM, subsampling, search, timing and ablations.
+
+    .venv/bin/python bench/paper_report.py                       # bottle, efficientnet_lite0 (offline weights)
+    .venv/bin/python bench/paper_report.py --categories all --backbone wide_resnet50_2 --device cuda
+
+Writes bench/results/paper_report.md and its figures under bench/results/paper_report_figures/ (see
+`patchcore_core.report.run_paper_report` for what is run and how features are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = os.environ.get("PATCHCORE_MVTEC_ROOT", str(REPO.parent / "shared" / "data" / "mvtec_ad"))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help="MVTec-layout root (local path, file:// or s3://)")
+    p.add_argument("--categories", default="bottle", help="comma-separated categories, or 'all'")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None, help="local backbone weights file")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "paper_report.md"))
+    p.add_argument("--figures-dir", default=None, help="default: <out without .md>_figures next to the report")
+    p.add_argument("--tables-dir", default=None, help="also write every table as CSV here")
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--coreset-ratios", type=_floats, default=(0.25, 0.1, 0.01))
+    p.add_argument("--ablation-ratio", type=float, default=0.01,
+                   help="coreset ratio of the patch-size / layer / image-size ablations")
+    p.add_argument("--image-sizes", type=_ints, default=(224, 280, 320))
+    p.add_argument("--lowshot-sizes", type=_ints, default=(1, 5, 10, 16, 50))
+    p.add_argument("--experiments", default=None,
+                   help="comma-separated subset of: main, subsampling, search, timing, reweighting, patch_size, "
+                        "layers, image_size, lowshot, spade_layers (default: all)")
+    p.add_argument("--timing-images", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default $PATCHCORE_THREADS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    sys.path.insert(0, str(REPO))
+    from patchcore_core.data import list_categories
+    from patchcore_core.report import EXPERIMENTS, run_paper_report
+
+    categories = (list_categories(args.data) if args.categories == "all"
+                  else [c for c in args.categories.split(",") if c])
+    overrides = dict(
+        backbone=args.backbone, weights=args.weights, resize=args.resize, image_size=args.image_size,
+        coreset_ratios=args.coreset_ratios, ablation_ratio=args.ablation_ratio, image_sizes=args.image_sizes,
+        lowshot_sizes=args.lowshot_sizes, timing_images=args.timing_images, device=args.device,
+        num_threads=args.threads, seed=args.seed,
+        experiments=tuple(args.experiments.split(",")) if args.experiments else EXPERIMENTS,
+    )
+    if 0.1 in args.coreset_ratios:
+        overrides["heatmap_ratio"] = 0.1
+    else:
+        overrides["heatmap_ratio"] = args.coreset_ratios[0]
+    out = Path(args.out)
+    start = time.perf_counter()
+    result = run_paper_report(args.data, categories, out.parent, report_name=out.name,
+                              figures_dir=args.figures_dir, **overrides)
+    if args.tables_dir:
+        result.write_tables(args.tables_dir)
+    print(f"report: {result.report_path}")
+    for path in result.figure_paths:
+        print(f"figure: {path} ({path.stat().st_size / 1024:.0f} KB)")
+    for cat, ok in result.acceptance.items():
+        print(f"{cat}: PatchCore image AUROC >= PaDiM and >= SPADE at every ratio: {'yes' if ok else 'NO'}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s on {result.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
