@@ -362,17 +362,35 @@ class _Runner:
             out[sl] = feats
         return out, grid
 
-    def score_patchcore(self, model, test_feats: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    def score_patchcore(self, model, test_feats: np.ndarray, size: int,
+                        with_worst: bool = False) -> tuple[np.ndarray, np.ndarray, float] | tuple:
+        """Image scores, maps and search + map seconds per image; with `with_worst`, also each image's most
+        anomalous patch feature [N, D] (the argmax patch that the image score and eq. 7 are taken at)."""
         from patchcore_core.scoring import anomaly_maps
 
-        scores, maps = [], []
+        scores, maps, worst = [], [], []
         t0 = _clock(self.device)
         for start in range(0, len(test_feats), self.cfg.batch_size):
-            s, grids = model.score_features(test_feats[start : start + self.cfg.batch_size])
+            feats = test_feats[start : start + self.cfg.batch_size]
+            s, grids = model.score_features(feats)
             scores.append(s)
             maps.append(anomaly_maps(grids, size))
+            if with_worst:
+                worst.append(feats[np.arange(len(feats)), grids.reshape(len(feats), -1).argmax(axis=1)])
         seconds = (_clock(self.device) - t0) / max(1, len(test_feats))
-        return np.concatenate(scores), np.concatenate(maps), seconds
+        out = (np.concatenate(scores), np.concatenate(maps), seconds)
+        return (*out, np.concatenate(worst)) if with_worst else out
+
+    def reweighted_scores(self, base, model, worst_feats: np.ndarray) -> np.ndarray:
+        """Eq. 7 image scores of `model`'s bank, searching only each image's most anomalous patch.
+
+        The image score is taken at the argmax patch, so scoring that one patch per image (a 1x1 "grid")
+        gives the same reweighted score as `score_features` on all patches, at 1/(h*w) of the search.
+        """
+        rw = self.variant(base, coreset_ratio=model.coreset_ratio, reweight_neighbors=self.cfg.reweight_neighbors)
+        rw.fit_memory_bank(model.memory_bank_, model.feature_grid_, n_train_patches=model.n_train_patches_)
+        rw.feature_grid_ = (1, 1)
+        return rw.score_features(worst_feats[:, None, :])[0]
 
     def greedy_selections(self, bank: np.ndarray, ratios: Sequence[float]) -> tuple[dict[float, np.ndarray], float]:
         """Greedy coreset indices per ratio: prefixes of one run of the largest ratio when that is exact."""
@@ -421,7 +439,7 @@ class _Runner:
         for ratio in ratios:
             model = self.variant(base, coreset_ratio=ratio, coreset_method="greedy")
             model.fit_memory_bank(bank[selections[ratio]], grid, n_train_patches=n_patches)
-            scores, maps, sec = self.score_patchcore(model, test_feats, size)
+            scores, maps, sec, worst = self.score_patchcore(model, test_feats, size, with_worst=True)
             label = ratio_label(ratio)
             self.record("main", label, "greedy", scores, maps, cache.masks, bank_size=len(model.memory_bank_),
                         score_seconds_per_image=sec, selection_seconds=selection_seconds)
@@ -430,9 +448,7 @@ class _Runner:
                 self.kept_maps[label] = maps
             self.kept_scores[label] = scores
             if "reweighting" in exps:
-                rw = self.variant(base, coreset_ratio=ratio, reweight_neighbors=cfg.reweight_neighbors)
-                rw.fit_memory_bank(model.memory_bank_, grid, n_train_patches=n_patches)
-                rw_scores, _ = _score_images_only(rw, test_feats, cfg.batch_size)
+                rw_scores = self.reweighted_scores(base, model, worst)
                 self.record("reweighting", label, f"eq. 7 on (b = {cfg.reweight_neighbors})", rw_scores, None, None)
                 self.record("reweighting", label, "eq. 7 off", scores, None, None)
             del maps
@@ -491,6 +507,12 @@ class _Runner:
         if "spade_layers" in exps:
             for levels in cfg.spade_layer_sets:
                 layers = [lv[i] for i in levels]
+                if layers == spade.resolved_layers()[0]:  # the main SPADE run
+                    main_row = next(r for r in self.rows if r["experiment"] == "main" and r["method"] == "SPADE")
+                    self.rows.append({**main_row, "experiment": "spade_layers", "setting": _levels_key(levels),
+                                      "grids": "/".join(str(cache.test[la].shape[-1]) for la in layers),
+                                      "layers": ", ".join(layers)})
+                    continue
                 model = SPADE(backbone=cfg.backbone, layers=layers, k_images=cfg.spade_k, resize=cache.resize,
                               image_size=size, device=str(self.device), progress=False)
                 model.fit_features(_map_batches(cache.train, cfg.batch_size))
@@ -643,12 +665,6 @@ class _Runner:
 def grid_of(model) -> str:
     h, w = model.feature_grid_
     return f"{h}x{w}"
-
-
-def _score_images_only(model, test_feats: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    scores = [model.score_features(test_feats[s : s + batch_size])[0] for s in range(0, len(test_feats), batch_size)]
-    return np.concatenate(scores), (time.perf_counter() - t0) / max(1, len(test_feats))
 
 
 def _coreset_size(sampler_module, ratio: float, n: int) -> int:

@@ -192,17 +192,17 @@ def read_config(directory: str | os.PathLike, expected_model: str | None = None)
     return config
 
 
-def min_sq_distances(queries: torch.Tensor, gallery: torch.Tensor, max_elements: int = 2**25) -> torch.Tensor:
+def min_sq_distances(queries: torch.Tensor, gallery: torch.Tensor, max_elements: int = 2**19) -> torch.Tensor:
     """Squared L2 distance of each query [M, C] to its nearest gallery row [N, C], in gallery chunks.
 
-    Uses |q|² + |g|² − 2 q·g (one matmul per chunk, as faiss's Flat index does), clamped at 0; the chunk size
-    keeps the M × chunk distance block under `max_elements` floats whatever the gallery size.
+    Uses |q|² + |g|² − 2 q·g (one fused matmul per chunk, as faiss's Flat index does), clamped at 0. The
+    M × chunk distance block stays under `max_elements` floats (2 MB by default): small enough to stay in
+    cache, which makes this several times faster on CPU than large blocks, whatever the gallery size.
     """
-    q_sq = (queries * queries).sum(1, keepdim=True)  # [M, 1]
     best = torch.full((queries.shape[0],), float("inf"), device=queries.device, dtype=queries.dtype)
     chunk = max(1, max_elements // max(1, queries.shape[0]))
     for start in range(0, gallery.shape[0], chunk):
         g = gallery[start : start + chunk]
-        d = q_sq + (g * g).sum(1)[None, :] - 2.0 * (queries @ g.T)
-        best = torch.minimum(best, d.min(dim=1).values)
-    return best.clamp_min_(0.0)
+        block = torch.addmm((g * g).sum(1)[None, :], queries, g.T, alpha=-2.0)  # |g|² − 2 q·g
+        torch.minimum(best, block.amin(dim=1), out=best)
+    return (best + (queries * queries).sum(1)).clamp_min_(0.0)
