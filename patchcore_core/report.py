@@ -393,22 +393,32 @@ class _Runner:
         return rw.score_features(worst_feats[:, None, :])[0]
 
     def greedy_selections(self, bank: np.ndarray, ratios: Sequence[float]) -> tuple[dict[float, np.ndarray], float]:
-        """Greedy coreset indices per ratio: prefixes of one run of the largest ratio when that is exact."""
+        """Greedy coreset indices per ratio, reusing one run of the largest ratio where that is exact.
+
+        Greedy k-center is incremental: with the same projection and starts, the first k points chosen for
+        a larger ratio are the k points chosen for a smaller one, when `select` returns them in selection
+        order. That is checked here on the data: the smallest ratio is also selected on its own and compared
+        with the prefix; only if they agree are the ratios in between taken as prefixes too.
+        """
         from patchcore_core import sampler as sampler_module
 
         ratios = sorted(set(ratios), reverse=True)
         t0 = time.perf_counter()
-        out: dict[float, np.ndarray] = {}
-        nested = getattr(sampler_module, "GREEDY_SELECTION_ORDERED", False)
-        for ratio in ratios:
-            if nested and out:
-                largest = out[ratios[0]]
-                k = _coreset_size(sampler_module, ratio, len(bank))
-                out[ratio] = largest[:k]
-                continue
+
+        def select(ratio: float) -> np.ndarray:
             s = sampler_module.make_sampler("greedy", ratio, projection_dim=128, seed=self.cfg.seed,
                                             device=str(self.device), progress=self.cfg.progress)
-            out[ratio] = np.asarray(s.select(bank))
+            return np.asarray(s.select(bank), dtype=np.int64)
+
+        out = {ratios[0]: select(ratios[0])}
+        if len(ratios) > 1:
+            smallest = select(ratios[-1])
+            nested = np.array_equal(out[ratios[0]][: len(smallest)], smallest)
+            out[ratios[-1]] = smallest
+            for ratio in ratios[1:-1]:
+                out[ratio] = out[ratios[0]][: _coreset_size(ratio, len(bank))] if nested else select(ratio)
+            self.say(f"{self.category}: greedy selection order {'verified' if nested else 'NOT nested'}: "
+                     f"{'prefixes reused' if nested else 'each ratio selected separately'}")
         return out, time.perf_counter() - t0
 
     # -------------------------------------------------------------- experiments
@@ -667,11 +677,9 @@ def grid_of(model) -> str:
     return f"{h}x{w}"
 
 
-def _coreset_size(sampler_module, ratio: float, n: int) -> int:
-    fn = getattr(sampler_module, "coreset_size", None)
-    if fn is not None:
-        return int(fn(ratio, n))
-    return max(1, int(ratio * n))
+def _coreset_size(ratio: float, n: int) -> int:
+    """Rows a greedy coreset of `ratio` keeps: int(N·ratio), at least 1 (as `GreedyCoresetSampler`)."""
+    return max(1, int(n * ratio))
 
 
 def _map_batches(maps: dict[str, torch.Tensor], batch_size: int):
