@@ -19,7 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/patchcore demo-data --out $(DEMO_DIR)
-	$(VENV)/bin/patchcore evaluate --data $(DEMO_DIR) --category all --out $(DEMO_OUT)
+	$(VENV)/bin/patchcore evaluate --data $(DEMO_DIR) --category all --out $(DEMO_OUT) --backbone efficientnet_lite0
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
