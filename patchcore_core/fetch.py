@@ -1,0 +1,225 @@
+"""Copy one category of an MVTec-layout dataset from any fsspec URL into a local cache, with a checksum manifest.
+
+The cache mirrors `<source>/<category>/{train,test,ground_truth}/...` image files under
+`<cache_root>/<category>/`. A rerun copies only files whose size or source version (S3 ETag, local mtime)
+changed, and deletes cached files the source no longer has. Every file is written under a temporary name
+and renamed; the manifest (Parquet: relpath, size, sha256, source_version) is written last, so a cache
+whose manifest exists is complete and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from patchcore_core.data import IMAGE_EXTENSIONS, list_categories, list_category
+from patchcore_core.errors import DataError
+from patchcore_core.io_utils import atomic_write
+
+__all__ = ["FetchResult", "MANIFEST_DIR", "source_slug", "list_source_files", "fetch_category", "read_manifest"]
+
+MANIFEST_DIR = "_manifests"
+LAYOUT_DIRS = ("train", "test", "ground_truth")
+_CHUNK = 1 << 20
+_S3_FAST_FAIL = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A category copied into the local cache: `root` is an MVTec-layout folder holding `category`."""
+
+    root: str
+    category: str
+    manifest: str
+    digest: str  # sha256 over (relpath, sha256) of every file: identifies the data, whatever its source
+    n_files: int
+    n_bytes: int
+    n_copied: int
+    n_train: int
+    n_test: int
+    n_anomalous: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def source_slug(source: str) -> str:
+    """A short, filesystem-safe name for a dataset URL (distinct URLs never share a cache folder)."""
+    normalised = str(source).rstrip("/")
+    if "://" not in normalised:
+        normalised = "file://" + os.path.abspath(normalised)
+    name = posixpath.basename(normalised.split("://", 1)[1]) or "root"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
+    return f"{safe}-{hashlib.sha256(normalised.encode()).hexdigest()[:10]}"
+
+
+def _url_to_fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    options = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a") and "config_kwargs" not in options:
+        options["config_kwargs"] = _S3_FAST_FAIL
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except Exception as exc:
+        raise DataError(f"cannot open dataset location {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when a file's content changes: ETag on object stores, mtime locally, else the size."""
+    for key in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    return f"size:{info.get('size')}"
+
+
+def list_source_files(source: str, category: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """{relpath: {"size", "version", "path"}} of the category's image files at the source (one listing call)."""
+    fs, base = _url_to_fs(str(source), storage_options)
+    cat = posixpath.join(base.rstrip("/"), category)
+    try:
+        fs.invalidate_cache()  # fsspec instances are shared: never trust an earlier listing's ETags
+        found = fs.find(cat, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except Exception as exc:  # credentials, DNS, endpoint down
+        raise DataError(f"cannot list {source}/{category}: {type(exc).__name__}: {exc}") from exc
+    files: dict[str, dict] = {}
+    for path, info in found.items():
+        if info.get("type") == "directory" or not path.startswith(cat + "/"):
+            continue
+        rel = path[len(cat) + 1 :]
+        parts = rel.split("/")
+        name = parts[-1]
+        if parts[0] not in LAYOUT_DIRS or name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        files[rel] = {"size": int(info.get("size") or 0), "version": _version(info), "path": path}
+    if not files:
+        try:
+            known = list_categories(str(source), storage_options=storage_options)
+        except DataError as exc:
+            raise DataError(f"category {category!r}: {exc}") from exc
+        raise DataError(
+            f"category {category!r} not found (or holds no images) under {source}; "
+            f"categories found: {known or 'none'}"
+        )
+    return files
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
+    """{relpath: row} of a manifest written by `fetch_category`."""
+    table = pq.read_table(path)
+    return {row["relpath"]: row for row in table.to_pylist()}
+
+
+def _copy(fs: Any, src: str, dest: Path) -> str:
+    """Stream `src` to `dest` atomically and return its sha256."""
+    digest = hashlib.sha256()
+    with atomic_write(dest) as tmp:
+        with fs.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                digest.update(chunk)
+                fout.write(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_category(
+    source: str,
+    category: str,
+    cache_root: str | os.PathLike,
+    storage_options: dict | None = None,
+    workers: int = 8,
+    log: Callable[[str], None] | None = None,
+) -> FetchResult:
+    """Mirror `<source>/<category>` into `<cache_root>/<category>`, validate the layout, write the manifest.
+
+    `source` is a local path, `file://` or any fsspec URL (`s3://bucket/prefix`, with `storage_options`
+    such as endpoint_url/key/secret). Raises `DataError` naming the folder or file for layout problems.
+    """
+    cache_root = Path(cache_root)
+    dest_root = cache_root / category
+    manifest_path = cache_root / MANIFEST_DIR / f"{category}.parquet"
+    files = list_source_files(source, category, storage_options)
+    fs, _ = _url_to_fs(str(source), storage_options)
+    previous = read_manifest(manifest_path) if manifest_path.is_file() else {}
+
+    def one(rel: str) -> tuple[str, str, bool]:
+        info = files[rel]
+        dest = dest_root / rel
+        old = previous.get(rel)
+        if (
+            old is not None
+            and old["source_version"] == info["version"]
+            and old["size"] == info["size"]
+            and dest.is_file()
+            and dest.stat().st_size == info["size"]
+        ):
+            return rel, old["sha256"], False
+        return rel, _copy(fs, info["path"], dest), True
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, sorted(files)))
+    copied = sum(1 for _, _, c in results if c)
+    # Drop cached files the source no longer has, so the cache mirrors the source.
+    if dest_root.is_dir():
+        for path in dest_root.rglob("*"):
+            if path.is_file() and path.relative_to(dest_root).as_posix() not in files:
+                path.unlink()
+    listing = list_category(str(cache_root), category)  # validates the layout of the local copy
+    if log:
+        log(f"{category}: {len(files)} files, {copied} copied from {source}")
+
+    rels = [rel for rel, _, _ in results]
+    shas = [sha for _, sha, _ in results]
+    digest = hashlib.sha256("".join(f"{r}\0{s}\n" for r, s in zip(rels, shas, strict=True)).encode()).hexdigest()
+    table = pa.table(
+        {
+            "relpath": pa.array(rels, pa.string()),
+            "split": pa.array([r.split("/", 1)[0] for r in rels], pa.string()),
+            "size": pa.array([files[r]["size"] for r in rels], pa.int64()),
+            "sha256": pa.array(shas, pa.string()),
+            "source_version": pa.array([files[r]["version"] for r in rels], pa.string()),
+        },
+        metadata={b"source": str(source).encode(), b"category": category.encode(), b"digest": digest.encode()},
+    )
+    with atomic_write(manifest_path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return FetchResult(
+        root=str(cache_root.resolve()),
+        category=category,
+        manifest=str(manifest_path.resolve()),
+        digest=digest,
+        n_files=len(rels),
+        n_bytes=int(sum(files[r]["size"] for r in rels)),
+        n_copied=copied,
+        n_train=len(listing.train),
+        n_test=len(listing.test),
+        n_anomalous=sum(s.label for s in listing.test),
+    )
+
+
+def verify_cache(manifest_path: str | os.PathLike, root: str | os.PathLike, category: str) -> list[str]:
+    """Relpaths whose cached bytes no longer match the manifest checksum (empty when the cache is intact)."""
+    bad = []
+    for rel, row in read_manifest(manifest_path).items():
+        path = Path(root) / category / rel
+        if not path.is_file() or _sha256(path) != row["sha256"]:
+            bad.append(rel)
+    return bad

@@ -1,0 +1,54 @@
+"""Pipeline settings from the environment: where to work, which device, S3 endpoint and credentials, MLflow.
+
+Standard variables are honoured: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_URI; PATCHCORE_* names take precedence. Credentials never travel as
+task parameters (they would be logged and hashed into cache keys): each task reads them here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PipelineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PATCHCORE_", extra="ignore", populate_by_name=True)
+
+    work_dir: Path = Field(Path("runs/pipeline"), description="local cache, shards, models, scores, MLflow DB")
+    device: str = Field("auto", description="torch/faiss device: auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: int | None = Field(None, description="torch/faiss threads (default: all usable cores)")
+    s3_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PATCHCORE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    )
+    s3_access_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PATCHCORE_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+    )
+    s3_secret_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PATCHCORE_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("PATCHCORE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+
+    def storage_options(self, url: str) -> dict:
+        """fsspec options for `url`: endpoint and keys for s3:// (no region: S3-compatible servers ignore it)."""
+        if not str(url).startswith(("s3://", "s3a://")):
+            return {}
+        options: dict = {}
+        if self.s3_endpoint_url:
+            options["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_access_key and self.s3_secret_key:
+            options["key"] = self.s3_access_key.get_secret_value()
+            options["secret"] = self.s3_secret_key.get_secret_value()
+        return options
+
+    def resolve_work_dir(self, work_dir: str | None = None) -> Path:
+        return Path(work_dir or self.work_dir).expanduser().resolve()
+
+
+def get_settings() -> PipelineSettings:
+    """Fresh settings from the current environment (cheap; not cached so tests can change the environment)."""
+    return PipelineSettings()
