@@ -14,6 +14,7 @@ runs, whatever its inner loop.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,14 +27,16 @@ __all__ = ["project_shards", "gather_rows", "select_from_shards"]
 
 
 def project_shards(paths: Sequence[str | os.PathLike], project) -> np.ndarray:
-    """Apply `project` ([rows, D] → [rows, p]) to every row group of the shards; returns [N, p] float32."""
+    """Apply `project` ([rows, D] → [rows, p]) to every row group of the shards; returns [N, p]."""
     total = shard_io.count_rows(paths)
     out: np.ndarray | None = None
     row = 0
     for group in shard_io.iter_row_groups(paths, ("embedding",)):
-        projected = np.asarray(project(group["embedding"]), dtype=np.float32)
+        with warnings.catch_warnings():  # torch warns once about wrapping a read-only (Arrow-backed) array
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            projected = np.asarray(project(group["embedding"]))
         if out is None:
-            out = np.empty((total, projected.shape[1]), dtype=np.float32)
+            out = np.empty((total, projected.shape[1]), dtype=projected.dtype)
         out[row : row + len(projected)] = projected
         row += len(projected)
     if out is None:
@@ -84,7 +87,9 @@ def select_from_shards(
     info: dict[str, Any] = {"method": method, "n_rows": int(n)}
     if method == "greedy":
         projection_dim, seed = int(config["projection_dim"]), int(config["seed"])
-        projected = project_shards(paths, lambda rows: sampler_lib.jl_projection(rows, projection_dim, seed))
+        dtype = getattr(sampler, "dtype", "float32")  # project exactly as the sampler itself would
+        extra = {} if dtype == "float32" else {"dtype": dtype}
+        projected = project_shards(paths, lambda rows: sampler_lib.jl_projection(rows, projection_dim, seed, **extra))
         if projected.shape[1] > projection_dim:  # jl_projection's contract; checked, never assumed
             raise ValueError(f"jl_projection returned {projected.shape[1]} > {projection_dim} columns")
         info["projected_dim"] = int(projected.shape[1])

@@ -53,6 +53,8 @@ STAGE_FORMAT_VERSION = 1
 FEATURE_KEYS = ("backbone", "layers", "weights", "patch_size", "pretrain_dim", "target_dim", "resize", "image_size")
 CORESET_KEYS = ("coreset_method", "coreset_ratio", "projection_dim", "seed")
 DONE = "_SUCCESS.json"
+_CASES = {"worst": "lowest-scored defects, highest-scored good images",
+          "best": "highest-scored defects, lowest-scored good images"}
 Log = Callable[[str], None] | None
 
 
@@ -448,7 +450,7 @@ def evaluate_scores(
         captions = [f"{preds['defect_type'][i]} {values[i]:.3f}" for i in idx]
         figures[f"overlays_{name}"] = str(
             plot_overlays(images.numpy(), maps[idx], masks[idx], captions, out / f"overlays_{name}.png",
-                          vmin=vmin, vmax=vmax, title=f"{title}: {name} cases (score)")
+                          vmin=vmin, vmax=vmax, title=f"{title}: {name} cases ({_CASES[name]}; caption = score)")
         )
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,211 @@
+"""The `patchcore` flow and its deployments' two modes: `full-benchmark` and `nightly-retrain`.
+
+    fetch ─▶ extract(train) ─▶ coreset ─▶ index ─┐
+      └────▶ extract(test) ──────────────────────┴─▶ score ─▶ metrics ─▶ MLflow (run, model, registry)
+
+Flows pass URIs and small configs between tasks and never touch arrays; every stage is a task in `tasks/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from patchcore_core.data import list_categories as list_categories_lib
+from tasks.contracts import (
+    CategoryRun,
+    EvaluationResult,
+    ExtractedFeatures,
+    FetchedCategory,
+    ModelConfig,
+    SplitScores,
+    TrainedModel,
+)
+from tasks.coreset import select_coreset
+from tasks.extract import extract_features
+from tasks.fetch import fetch_category
+from tasks.index import build_index
+from tasks.metrics import compute_metrics
+from tasks.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PromotionDecision,
+    current_champion,
+    decide_promotion,
+    log_promotion,
+    set_alias,
+)
+from tasks.reporting import publish_benchmark, publish_promotions
+from tasks.score import score_test_split
+from tasks.settings import get_settings
+from tasks.tracking import end_run, log_category, log_results_table, registered_model_name, start_run, tracking_uri
+
+BENCHMARK_EXPERIMENT = "patchcore-benchmark"
+RETRAIN_EXPERIMENT = "patchcore-retrain"
+
+
+class TrainedAndEvaluated(BaseModel):
+    fetched: FetchedCategory
+    canary: FetchedCategory
+    test_features: ExtractedFeatures
+    model: TrainedModel
+    scores: SplitScores
+    evaluation: EvaluationResult
+
+
+def results_dir(work_dir: str) -> Path:
+    """Where Prefect keeps the stages' cache records: beside the outputs they point to."""
+    return Path(work_dir) / ".prefect-results"
+
+
+@task(name="list-categories", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
+def list_categories(data_url: str) -> list[str]:
+    return list_categories_lib(data_url, storage_options=get_settings().storage_options(data_url))
+
+
+def train_and_evaluate(
+    data_url: str, canary_url: str, category: str, config: ModelConfig, work_dir: str
+) -> TrainedAndEvaluated:
+    """The six stages for one category: train on `data_url`, evaluate on the test split of `canary_url`."""
+    fetched = fetch_category(data_url, category, work_dir)
+    canary = fetched if canary_url == data_url else fetch_category(canary_url, category, work_dir)
+    train_features = extract_features(fetched, config, work_dir, split="train")
+    test_features = extract_features(canary, config, work_dir, split="test")
+    coreset = select_coreset(train_features, config, work_dir)
+    model = build_index(coreset, config, work_dir)
+    scores = score_test_split(model, test_features, canary, work_dir)
+    evaluation = compute_metrics(scores, canary, model, work_dir)
+    return TrainedAndEvaluated(fetched=fetched, canary=canary, test_features=test_features, model=model,
+                               scores=scores, evaluation=evaluation)
+
+
+@flow(name="benchmark-category", flow_run_name="benchmark-{category}", result_serializer="json")
+def benchmark_category(
+    data_url: str, category: str, config: ModelConfig, work_dir: str, parent_run_id: str,
+    experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
+) -> CategoryRun:
+    run_id = start_run(work_dir, experiment, category, parent_run_id=parent_run_id, tags={"category": category})
+    try:
+        out = train_and_evaluate(data_url, data_url, category, config, work_dir)
+        logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
+                              register_as=registered_model_name(category) if register else None)
+    except BaseException:
+        end_run(work_dir, run_id, "FAILED")
+        raise
+    end_run(work_dir, run_id)
+    return logged
+
+
+@flow(name="full-benchmark", result_serializer="json")
+def full_benchmark(
+    data_url: str, categories: list[str] | None = None, config: ModelConfig | None = None,
+    work_dir: str | None = None, experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
+) -> list[CategoryRun]:
+    """Every category under `data_url` (or the given ones): one MLflow parent run, one nested run each."""
+    logger = get_run_logger()
+    config = config or ModelConfig()
+    work = str(get_settings().resolve_work_dir(work_dir))
+    categories = categories or list_categories(data_url)
+    parent = start_run(work, experiment, "full-benchmark", params={"data_url": data_url, "categories": categories,
+                                                                   **config.model_dump()})
+    per_category = benchmark_category.with_options(result_storage=results_dir(work))
+    runs, failed = [], []
+    for category in categories:
+        state = per_category(data_url, category, config, work, parent, experiment, register, return_state=True)
+        if state.is_completed():
+            runs.append(state.result())
+        else:
+            failed.append(category)
+            logger.error(f"category {category} failed: {state.message}")
+    log_results_table(work, parent, runs)
+    publish_benchmark(runs, failed, parent, tracking_uri(work))
+    end_run(work, parent, "FAILED" if failed else "FINISHED")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(categories)} categories failed: {', '.join(failed)}")
+    return runs
+
+
+@flow(name="retrain-category", flow_run_name="retrain-{category}", result_serializer="json")
+def retrain_category(
+    data_url: str, canary_url: str, category: str, config: ModelConfig, work_dir: str, parent_run_id: str,
+    experiment: str = RETRAIN_EXPERIMENT, metric: str = "image_auroc", min_delta: float = 0.0,
+) -> PromotionDecision:
+    """Train, evaluate on the canary set, register as challenger; promote to champion unless it is worse."""
+    name = registered_model_name(category)
+    run_id = start_run(work_dir, experiment, category, parent_run_id=parent_run_id,
+                       tags={"category": category, "canary_url": canary_url})
+    try:
+        out = train_and_evaluate(data_url, canary_url, category, config, work_dir)
+        logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
+                              register_as=name)
+        set_alias(work_dir, name, CHALLENGER, logged.registered_version)
+        champion = current_champion(work_dir, name, category)
+        champion_eval = None
+        if champion is not None:  # re-score the champion on today's canary set, with its own settings
+            champion_test = extract_features(out.canary, champion.config, work_dir, split="test")
+            champion_scores = score_test_split(champion.model, champion_test, out.canary, work_dir)
+            champion_eval = compute_metrics(champion_scores, out.canary, champion.model, work_dir,
+                                            title=f"{category} champion v{champion.version}")
+        decision = decide_promotion(name, out.evaluation, logged.registered_version, champion_eval,
+                                    champion.version if champion else None, metric, min_delta)
+        log_promotion(work_dir, run_id, decision)
+        if decision.promote:
+            set_alias(work_dir, name, CHAMPION, logged.registered_version)
+    except BaseException:
+        end_run(work_dir, run_id, "FAILED")
+        raise
+    end_run(work_dir, run_id)
+    return decision
+
+
+@flow(name="nightly-retrain", result_serializer="json")
+def nightly_retrain(
+    data_url: str, product_line: str = "default", categories: list[str] | None = None,
+    canary_url: str | None = None, config: ModelConfig | None = None, work_dir: str | None = None,
+    experiment: str = RETRAIN_EXPERIMENT, metric: str = "image_auroc", min_delta: float = 0.0,
+) -> list[PromotionDecision]:
+    """Retrain a product line's categories and promote each challenger that is not worse than its champion."""
+    config = config or ModelConfig()
+    work = str(get_settings().resolve_work_dir(work_dir))
+    categories = categories or list_categories(data_url)
+    canary = canary_url or data_url
+    parent = start_run(work, experiment, f"nightly-retrain-{product_line}",
+                       params={"product_line": product_line, "data_url": data_url, "canary_url": canary,
+                               "categories": categories, "promotion_metric": metric, "min_delta": min_delta,
+                               **config.model_dump()},
+                       tags={"product_line": product_line})
+    per_category = retrain_category.with_options(result_storage=results_dir(work))
+    try:
+        decisions = [per_category(data_url, canary, category, config, work, parent, experiment, metric, min_delta)
+                     for category in categories]
+        publish_promotions(decisions, product_line)
+    except BaseException:
+        end_run(work, parent, "FAILED")
+        raise
+    end_run(work, parent)
+    return decisions
+
+
+@flow(name="patchcore", result_serializer="json")
+def patchcore(
+    mode: Literal["full-benchmark", "nightly-retrain"] = "full-benchmark",
+    data_url: str = "runs/demo/bucket/mvtec-demo",
+    categories: list[str] | None = None,
+    config: ModelConfig | None = None,
+    work_dir: str | None = None,
+    product_line: str = "default",
+    canary_url: str | None = None,
+    promotion_metric: str = "image_auroc",
+    min_delta: float = 0.0,
+) -> list[CategoryRun] | list[PromotionDecision]:
+    """PatchCore batch pipeline. `full-benchmark`: every category (or `categories`) of `data_url`, with the
+    results table. `nightly-retrain`: the product line's `categories`, champion/challenger promotion.
+    """
+    if mode == "full-benchmark":
+        return full_benchmark(data_url, categories, config, work_dir)
+    return nightly_retrain(data_url, product_line, categories, canary_url, config, work_dir,
+                           metric=promotion_metric, min_delta=min_delta)
