@@ -18,6 +18,7 @@ upsampling and blur), on `timing_images` test images after one warm-up image.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -40,7 +41,7 @@ from patchcore_core.runtime import configure_threads, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportConfig", "ReportResult", "run_paper_report", "PAPER", "EXPERIMENTS"]
+__all__ = ["ReportConfig", "ReportResult", "run_paper_report", "rebuild_report", "PAPER", "EXPERIMENTS"]
 
 EXPERIMENTS = (
     "main",  # Table 1/S1 + 2/S2/S3: SPADE, PaDiM, PatchCore at the coreset ratios
@@ -677,6 +678,19 @@ def grid_of(model) -> str:
     return f"{h}x{w}"
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _fmt_load(load: Any) -> str:
+    if not load or None in load:
+        return "n/a"
+    return f"{load[0]:.1f} → {load[1]:.1f}"
+
+
 def _coreset_size(ratio: float, n: int) -> int:
     """Rows a greedy coreset of `ratio` keeps: int(N·ratio), at least 1 (as `GreedyCoresetSampler`)."""
     return max(1, int(n * ratio))
@@ -899,7 +913,10 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
         ["SPADE", f"K = {cfg.spade_k} images, pyramid levels (1,2,3), global pool of level 4"],
         ["PaDiM", "levels (1,2,3) on the level-1 grid, random channel subset, ε = 0.01"],
         ["device", meta["device"]], ["torch / faiss", f"{torch.__version__} / {meta['faiss']}"],
-        ["wall time", f"{meta['wall_seconds']:.0f} s ({meta['wall_seconds'] / 60:.1f} min) for the whole grid"],
+        ["wall time", f"{meta['wall_seconds']:.0f} s ({meta['wall_seconds'] / 60:.1f} min) for the whole grid; "
+                      f"process CPU time {meta.get('cpu_seconds', float('nan')):.0f} s; {meta.get('cores', '?')} "
+                      f"cores, load average {_fmt_load(meta.get('load'))} (start → end; other jobs share the machine "
+                      "when it exceeds the core count, and all times here grow with it)"],
     ]))
     add("")
     add(f"Published numbers (\"paper\") are the PatchCore paper's (WideResNet-50, 224 px, GPU) and, for the SPADE "
@@ -925,7 +942,7 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
         for cat in cats:
             body.append([cat] + [cell(metric, m, cat, _first(main, cat, m, metric)) for m in methods])
         if len(cats) > 1:
-            body.append(["**mean**"] + [cell(metric, m, "mean", _mean(main, m, metric)) for m in methods])
+            body.append(["**mean**"] + [cell(metric, m, _paper_key(cats), _mean(main, m, metric)) for m in methods])
         add(md_table(["category", *methods], body))
         add("")
         if metric == "image_auroc":
@@ -938,7 +955,7 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
             if len(cats) > 1:
                 body.append(["**total / mean**"] + [
                     f"{int(_select(main, method=m)['misclassified'].sum())} "
-                    f"(paper {_paper('misclassified', m, 'total')}) / "
+                    f"(paper {_paper('misclassified', m, _paper_key(cats, 'total'))}) / "
                     f"{_num(_mean(main, m, 'error_at_full_recall'), '{:.2f}')}" for m in methods])
             add(md_table(["category", *methods], body))
             add("")
@@ -1060,7 +1077,7 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
         add("")
         body = []
         for setting, p in sp.groupby("setting", sort=False):
-            paper_key = "mean" if len(cats) > 1 else cats[0]
+            paper_key = _paper_key(cats)
             paper = PAPER["spade_pro"].get(setting, {}).get(paper_key)
             body.append([setting, p["layers"].iloc[0], p["grids"].iloc[0], _pct(_mean_of(p, "image_auroc")),
                          _pct(_mean_of(p, "pixel_auroc")), _pct(_mean_of(p, "au_pro")),
@@ -1076,6 +1093,14 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
             add(f"![{path.stem}]({rel})")
             add("")
     return "\n".join(out).rstrip() + "\n", acceptance
+
+
+def _paper_key(cats: list[str], mean_key: str = "mean") -> str:
+    """The published column to compare with: the category itself, or the paper's mean (or total) over its
+    15 categories only when this run covers all of them (a mean over fewer categories is another setting)."""
+    if len(cats) == 1:
+        return cats[0]
+    return mean_key if set(PAPER_CATEGORIES) <= set(cats) else "(no match)"
 
 
 def _first(df: pd.DataFrame, cat: str, method: str, metric: str) -> Any:
@@ -1107,7 +1132,7 @@ def _s4(key: str, cats: list[str]) -> str:
     table = PAPER.get(key)
     if table is None:
         return "–"
-    cat = cats[0] if len(cats) == 1 else "mean"
+    cat = _paper_key(cats)
     vals = [table[m].get(cat) for m in ("image_auroc", "pixel_auroc", "au_pro")]
     return "–" if None in vals else " / ".join(f"{v:g}" for v in vals)
 
@@ -1143,7 +1168,7 @@ def run_paper_report(
             raise TypeError(f"unknown report setting(s) {unknown}; known: {sorted(known)}")
         cfg = ReportConfig(**{**asdict(cfg), **overrides})
     say = say or log.info
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), _loadavg()
     threads = configure_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
@@ -1167,10 +1192,52 @@ def run_paper_report(
 
     wall = time.perf_counter() - start
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "data": str(data), "device": device_name(device, threads),
-            "faiss": getattr(faiss, "__version__", "?"), "wall_seconds": wall}
+            "faiss": getattr(faiss, "__version__", "?"), "wall_seconds": wall,
+            "cpu_seconds": time.process_time() - cpu_start, "load": (load_start, _loadavg()),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     markdown, acceptance = build_markdown(rows, cfg, meta, figures, report_path.parent)
     with atomic_write(report_path) as tmp:
         tmp.write_text(markdown)
+    results = {"config": asdict(cfg), "meta": meta, "figures": [str(p) for p in figures], "rows": rows}
+    with atomic_write(report_path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(_jsonable(results), indent=1))
     say(f"report written to {report_path} ({wall:.0f}s)")
     return ReportResult(markdown, report_path, figures, build_tables(rows, cfg), rows, wall, meta["device"],
                         acceptance)
+
+
+def rebuild_report(results_json: str | os.PathLike, report_path: str | os.PathLike | None = None) -> ReportResult:
+    """Re-render the Markdown from the `<report>.json` a run wrote (no recomputation), e.g. after a layout change."""
+    results_json = Path(results_json)
+    saved = json.loads(results_json.read_text())
+    cfg_fields = {f.name: f for f in fields(ReportConfig)}
+    raw = {k: v for k, v in saved["config"].items() if k in cfg_fields}
+    for key in ("coreset_ratios", "lowshot_sizes", "patch_sizes", "image_sizes", "layers", "experiments"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    for key in ("layer_sets", "spade_layer_sets"):
+        if key in raw:
+            raw[key] = tuple(tuple(x) for x in raw[key])
+    cfg = ReportConfig(**raw)
+    report_path = Path(report_path) if report_path else results_json.with_suffix(".md")
+    figures = [Path(p) for p in saved["figures"]]
+    markdown, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], figures, report_path.parent)
+    with atomic_write(report_path) as tmp:
+        tmp.write_text(markdown)
+    return ReportResult(markdown, report_path, figures, build_tables(saved["rows"], cfg), saved["rows"],
+                        saved["meta"]["wall_seconds"], saved["meta"]["device"], acceptance)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and tuples → plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

@@ -13,6 +13,7 @@ from patchcore_core.report import (
     build_tables,
     md_table,
     ratio_label,
+    rebuild_report,
     run_paper_report,
 )
 
@@ -52,13 +53,23 @@ def test_markdown_prints_paper_numbers_beside_ours_and_checks_acceptance(tmp_pat
     assert "| bottle | 95.00 / – | 99.00 / – | 100.00 / 100 |" in text
     assert "98.4" not in text.split("## 2a")[0]  # pixel numbers stay in their own table
     assert "| bottle | 90.00 / 98.4 | 90.00 / 98.3 | 90.00 / 98.6 |" in text
-    assert "| **mean** | 92.50 / 85.5 | 98.00 / 95.3 | 98.00 / 99 |" in text
+    assert "| **mean** | 92.50 / – | 98.00 / – | 98.00 / – |" in text  # the paper's mean is over 15 categories
     assert acceptance == {"bottle": True, "cable": False}
     assert "cable: **no**" in text
     assert "![bottle_roc_pr](f/bottle_roc_pr.png)" in text
     tables = build_tables(rows, cfg)
     assert list(tables["image_auroc"].columns) == ["category", "SPADE", "PaDiM", "PatchCore-10%"]
     assert tables["image_auroc"]["PatchCore-10%"].tolist() == [1.0, 0.96]
+
+
+def test_paper_mean_printed_only_for_all_fifteen_categories(tmp_path):
+    from patchcore_core.report import PAPER_CATEGORIES
+
+    cfg = ReportConfig(coreset_ratios=(0.1,))
+    rows = [_row(c, m, 0.9) for c in PAPER_CATEGORIES for m in ("SPADE", "PaDiM", "PatchCore-10%")]
+    text, acceptance = build_markdown(rows, cfg, META, [], tmp_path)
+    assert "| **mean** | 90.00 / 85.5 | 90.00 / 95.3 | 90.00 / 99 |" in text
+    assert "15 (paper 47)" in text and len(acceptance) == 15
 
 
 def test_md_table():
@@ -109,5 +120,11 @@ def test_tiny_run_writes_report_tables_and_figures(tiny_report, tmp_path):
         assert path.suffix == ".png" and 1000 < path.stat().st_size < 200_000
     written = res.write_tables(tmp_path / "tables")
     assert {p.stem for p in written} >= {"image_auroc", "pixel_auroc", "au_pro", "timing", "lowshot"}
+    rebuilt = rebuild_report(res.report_path.with_suffix(".json"), tmp_path / "again.md")
+    assert rebuilt.acceptance == res.acceptance
+    def body(text: str) -> str:
+        return text.split("## 1.")[1].split("## Figures")[0]
+
+    assert body(rebuilt.markdown) == body(res.markdown)
     assert np.isclose(res.tables["image_auroc"]["SPADE"].iloc[0],
                       [r for r in res.rows if r["method"] == "SPADE" and r["experiment"] == "main"][0]["image_auroc"])
