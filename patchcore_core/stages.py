@@ -71,6 +71,11 @@ def _read_done(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def _finished(done: dict[str, Any] | None, fp: str, *paths: str | os.PathLike) -> bool:
+    """True when a stage's marker has this fingerprint and every output it lists is still there."""
+    return done is not None and done.get("fingerprint") == fp and all(Path(p).exists() for p in paths)
+
+
 def _write_done(directory: Path, info: dict[str, Any]) -> None:
     with atomic_write(directory / DONE) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
@@ -149,7 +154,7 @@ def extract_features(
         split_fp = fingerprint("split", feature_params, [checksums[r] for r in rels])
         part_dir = shard_io.partition_dir(root, category, split, dataset)
         done = shard_io.read_success(part_dir)
-        if done is not None and done.get("fingerprint") == split_fp:
+        if _finished(done, split_fp, *(done or {}).get("result", {}).get("shards", [part_dir / "missing"])):
             results[split] = SplitFeatures(**{**done["result"], "n_reused": len(done["result"]["shards"]),
                                               "n_written": 0})
             continue
@@ -223,7 +228,7 @@ def select_coreset(
     fp = fingerprint("coreset", config, train.fingerprint)
     out = Path(out_base) / train.category / f"coreset-{fp}"
     done = _read_done(out)
-    if done is not None and done.get("fingerprint") == fp:
+    if _finished(done, fp, out / "coreset.parquet"):
         return CoresetResult(**done["result"])
     start = time.perf_counter()
     selected, bank, meta = select_from_shards(train.shards, config, device=device, num_threads=num_threads)
@@ -293,7 +298,7 @@ def build_indices(
     fp = fingerprint("index", params, kinds, coreset.fingerprint)
     out = Path(out_base) / category / f"index-{fp}"
     done = _read_done(out)
-    if done is not None and done.get("fingerprint") == fp:
+    if _finished(done, fp, *(out / f"model-{kind}" / "index.faiss" for kind in kinds)):
         return IndexResult(**done["result"])
     _, bank = read_coreset(coreset.path)
     models = {}
@@ -341,7 +346,7 @@ def score_split(
     fp = fingerprint("score", config["params"], config["state"], _model_digest(model_dir), test.fingerprint)
     out = Path(out_base) / test.category / f"score-{fp}"
     done = _read_done(out)
-    if done is not None and done.get("fingerprint") == fp:
+    if _finished(done, fp, out / "predictions.parquet", out / "anomaly_maps.npy", out / "gt_masks.npy"):
         return ScoreResult(**done["result"])
     model = PatchCore.load(model_dir, device=None if device == "auto" else device)
     if num_threads is not None:
@@ -428,7 +433,7 @@ def evaluate_scores(
     fp = fingerprint("metrics", scores.fingerprint, n_cases, title)
     out = Path(out_base) / category / f"metrics-{fp}"
     done = _read_done(out)
-    if done is not None and done.get("fingerprint") == fp:
+    if _finished(done, fp, out / "metrics.json", *(done or {}).get("result", {}).get("figures", {}).values()):
         return MetricsResult(**done["result"])
     preds = pd.read_parquet(scores.predictions)
     maps = np.load(scores.maps, mmap_mode="r", allow_pickle=False)

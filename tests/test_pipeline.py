@@ -174,6 +174,10 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
                                splits=["train"], images_per_shard=3, images_per_row_group=2, device="cpu")
     assert resumed["train"].n_reused == 2 and resumed["train"].n_written == 1
     np.testing.assert_array_equal(shards.read_embeddings(resumed["train"].shards), before)
+    # An output deleted by hand is recomputed, not trusted from the stage's marker.
+    Path(coreset.path).unlink()
+    redone = select_coreset(resumed["train"], params, tmp_path / "stages", device="cpu")
+    assert Path(redone.path).is_file() and redone.n_selected == coreset.n_selected
 
 
 # ------------------------------------------------------------------------------------------------ coreset
