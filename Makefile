@@ -3,7 +3,6 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO_DIR ?= demo_data
 DEMO_OUT ?= runs/demo
 export PATCHCORE_THREADS ?= 2
 
@@ -17,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on embedded defaults: the demo dataset in a local bucket folder, the patchcore/full-benchmark
+# flow on Prefect's ephemeral server, MLflow on SQLite under runs/demo.
 demo: $(STAMP)
-	$(VENV)/bin/patchcore demo-data --out $(DEMO_DIR)
-	$(VENV)/bin/patchcore evaluate --data $(DEMO_DIR) --category all --out $(DEMO_OUT) --backbone efficientnet_lite0
+	$(PY) -m flows.demo --work-dir $(DEMO_OUT)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_bottle.py
 
 clean:
-	rm -rf $(DEMO_DIR) runs .pytest_cache
+	rm -rf runs .pytest_cache
