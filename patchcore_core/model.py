@@ -255,8 +255,11 @@ class PatchCore:
         return model
 
 
-def read_model_config(directory: str | os.PathLike, expected_model: str) -> dict[str, Any]:
-    """Load and validate a saved model's config.json (format version, model type, files present)."""
+def read_model_config(directory: str | os.PathLike, expected_model: str | None) -> dict[str, Any]:
+    """Load and validate a saved model's config.json (format version; the model type unless it is None).
+
+    Every saved detector (PatchCore, SPADE, PaDiM) shares this format and this check.
+    """
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
@@ -265,6 +268,8 @@ def read_model_config(directory: str | os.PathLike, expected_model: str) -> dict
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise IncompatibleModelError(f"{path} is not valid JSON: {exc}") from exc
+    if expected_model is None:
+        return config
     fmt = config.get("format_version")
     if fmt != MODEL_FORMAT_VERSION:
         raise IncompatibleModelError(

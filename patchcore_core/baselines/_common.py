@@ -20,10 +20,10 @@ from patchcore_core import __version__
 from patchcore_core.backbones import FeatureExtractor, get_spec
 from patchcore_core.errors import IncompatibleModelError
 from patchcore_core.io_utils import atomic_dir
+from patchcore_core.model import MODEL_FORMAT_VERSION, read_model_config
 from patchcore_core.runtime import configure_threads, resolve_device
 
-# Same on-disk contract as PatchCore (model.MODEL_FORMAT_VERSION): config.json + .npy arrays, no pickle.
-MODEL_FORMAT_VERSION = 1
+# Same on-disk contract as PatchCore: config.json + .npy arrays, no pickle.
 CONFIG_FILE = "config.json"
 
 Images = Sequence[str | os.PathLike] | torch.Tensor
@@ -166,30 +166,8 @@ class LayerMapDetector:
 
 
 def read_config(directory: str | os.PathLike, expected_model: str | None = None) -> dict[str, Any]:
-    """Load a saved model's config.json and check its format version (and model type when given).
-
-    The same checks and messages as `model.read_model_config`, against the baselines' own format version.
-    """
-    directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise IncompatibleModelError(f"{directory} is not a saved model: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IncompatibleModelError(f"{path} is not valid JSON: {exc}") from exc
-    if expected_model is None:
-        return config
-    fmt = config.get("format_version")
-    if fmt != MODEL_FORMAT_VERSION:
-        raise IncompatibleModelError(
-            f"{directory} was saved in model format {fmt!r} by patchcore_core "
-            f"{config.get('library_version', 'unknown')}; this is patchcore_core {__version__}, which reads "
-            f"format {MODEL_FORMAT_VERSION}. Refit the model with this version."
-        )
-    if config.get("model") != expected_model:
-        raise IncompatibleModelError(f"{directory} holds a {config.get('model')!r} model, not {expected_model!r}")
-    return config
+    """Load a saved model's config.json and check its format version (and model type when given)."""
+    return read_model_config(directory, expected_model)
 
 
 def min_sq_distances(queries: torch.Tensor, gallery: torch.Tensor, max_elements: int = 2**19) -> torch.Tensor:
