@@ -16,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+# Waiting OpenMP threads sleep instead of spinning. libgomp's default spin-wait turns every small parallel
+# region into a stall when other processes share the cores: measured 20.6 s vs 1.2 s for the same SPADE
+# distance blocks with 2 threads on a loaded 2-core machine. Must be set before torch/faiss load libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("PATCHCORE_MVTEC_ROOT", str(REPO.parent / "shared" / "data" / "mvtec_ad"))
 

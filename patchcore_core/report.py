@@ -912,7 +912,8 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
                       "(JL projection to 128), exact L2 (faiss Flat), k = 1"],
         ["SPADE", f"K = {cfg.spade_k} images, pyramid levels (1,2,3), global pool of level 4"],
         ["PaDiM", "levels (1,2,3) on the level-1 grid, random channel subset, ε = 0.01"],
-        ["device", meta["device"]], ["torch / faiss", f"{torch.__version__} / {meta['faiss']}"],
+        ["device", meta["device"]],
+        ["torch / faiss", f"{torch.__version__} / {meta['faiss']}; OMP_WAIT_POLICY={meta.get('omp_wait_policy')}"],
         ["wall time", f"{meta['wall_seconds']:.0f} s ({meta['wall_seconds'] / 60:.1f} min) for the whole grid; "
                       f"process CPU time {meta.get('cpu_seconds', float('nan')):.0f} s; {meta.get('cores', '?')} "
                       f"cores, load average {_fmt_load(meta.get('load'))} (start → end; other jobs share the machine "
@@ -1194,6 +1195,7 @@ def run_paper_report(
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "data": str(data), "device": device_name(device, threads),
             "faiss": getattr(faiss, "__version__", "?"), "wall_seconds": wall,
             "cpu_seconds": time.process_time() - cpu_start, "load": (load_start, _loadavg()),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     markdown, acceptance = build_markdown(rows, cfg, meta, figures, report_path.parent)
     with atomic_write(report_path) as tmp:
