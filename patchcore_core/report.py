@@ -576,7 +576,7 @@ class _Runner:
                 for start in range(0, n, self.cfg.batch_size):
                     model.extractor_(images[start : start + self.cfg.batch_size].to(self.device))
             backbone = (_clock(self.device) - t0) / n
-            size = (f"{len(model.memory_bank_)} patches" if hasattr(model, "memory_bank_")
+            size = (f"{len(model.memory_bank_)} patches, {_state_mb(model):.1f} MB" if hasattr(model, "memory_bank_")
                     else f"{_state_mb(model):.1f} MB state")
             row = {"category": self.category, "experiment": "timing", "method": name, "setting": size,
                    "seconds_per_image": seconds, "backbone_seconds_per_image": backbone, "timing_images": n}
@@ -1026,7 +1026,7 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
         add("")
         add("### 6.1 Image-score reweighting, paper eq. 7")
         add("")
-        body = [[m, s, _pct(_mean_of(part, "image_auroc")), _num(_mean_of(part, "misclassified"), "{:.1f}")]
+        body = [[m, s, _pct(_mean_of(part, "image_auroc")), _num(_mean_of(part, "misclassified"), "{:g}")]
                 for (m, s), part in rw.groupby(["method", "setting"], sort=False)]
         add(md_table(["method", "setting", "image AUROC", "misclassified (F1-opt.)"], body))
         add("")
