@@ -9,7 +9,7 @@ Flows pass URIs and small configs between tasks and never touch arrays; every st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -30,6 +30,7 @@ from tasks.extract import extract_features
 from tasks.fetch import fetch_category
 from tasks.index import build_index
 from tasks.metrics import compute_metrics
+from tasks.paper_report import publish_report, run_report_grid
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -190,9 +191,25 @@ def nightly_retrain(
     return decisions
 
 
+@flow(name="paper-report", result_serializer="json")
+def paper_report(
+    data_url: str, categories: list[str] | None = None, work_dir: str | None = None,
+    report: dict[str, Any] | None = None,
+) -> str:
+    """SPADE, PaDiM and PatchCore-25/10/1% with the paper's ablations and timings as one Markdown report.
+
+    `report` overrides `patchcore_core.report.ReportConfig` fields (backbone, coreset_ratios, experiments, ...).
+    Returns the MLflow run id holding the report, its tables and figures.
+    """
+    work = str(get_settings().resolve_work_dir(work_dir))
+    settings = report or {}
+    grid = run_report_grid(data_url, categories, str(Path(work) / "paper-report"), settings)
+    return publish_report(grid, work, {"data_url": data_url, "categories": categories, **settings})
+
+
 @flow(name="patchcore", result_serializer="json")
 def patchcore(
-    mode: Literal["full-benchmark", "nightly-retrain"] = "full-benchmark",
+    mode: Literal["full-benchmark", "nightly-retrain", "paper-report"] = "full-benchmark",
     data_url: str = "runs/demo/bucket/mvtec-demo",
     categories: list[str] | None = None,
     config: ModelConfig | None = None,
@@ -201,11 +218,15 @@ def patchcore(
     canary_url: str | None = None,
     promotion_metric: str = "image_auroc",
     min_delta: float = 0.0,
-) -> list[CategoryRun] | list[PromotionDecision]:
+    report: dict[str, Any] | None = None,
+) -> list[CategoryRun] | list[PromotionDecision] | str:
     """PatchCore batch pipeline. `full-benchmark`: every category (or `categories`) of `data_url`, with the
     results table. `nightly-retrain`: the product line's `categories`, champion/challenger promotion.
+    `paper-report`: the SPADE / PaDiM / PatchCore tables and ablations (`report` overrides its settings).
     """
     if mode == "full-benchmark":
         return full_benchmark(data_url, categories, config, work_dir)
+    if mode == "paper-report":
+        return paper_report(data_url, categories, work_dir, report)
     return nightly_retrain(data_url, product_line, categories, canary_url, config, work_dir,
                            metric=promotion_metric, min_delta=min_delta)

@@ -310,7 +310,9 @@ def test_prefect_yaml_deploys_both_deployments_with_schedules():
     with get_client(sync_client=True) as client:
         bench = client.read_deployment_by_name("patchcore/full-benchmark")
         nightly = client.read_deployment_by_name("patchcore/nightly-retrain")
+        report = client.read_deployment_by_name("patchcore/paper-report")
     assert bench.parameters["mode"] == "full-benchmark" and bench.work_pool_name == "patchcore-process"
+    assert report.parameters["mode"] == "paper-report"
     assert bench.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert nightly.parameters["mode"] == "nightly-retrain"
     lines = {s.slug: s for s in nightly.schedules}
