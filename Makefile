@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 export PATCHCORE_THREADS ?= 2
+# Passive OpenMP waits: spinning torch/faiss threads stall badly when the cores are shared (measured 10-15x).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-slow lint bench clean
 
