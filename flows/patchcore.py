@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from patchcore_core.data import list_categories as list_categories_lib
+from tasks.baseline import fit_and_score_baseline
 from tasks.contracts import (
     CategoryRun,
     EvaluationResult,
@@ -52,7 +53,7 @@ RETRAIN_EXPERIMENT = "patchcore-retrain"
 class TrainedAndEvaluated(BaseModel):
     fetched: FetchedCategory
     canary: FetchedCategory
-    test_features: ExtractedFeatures
+    test_features: ExtractedFeatures | None  # None for the baselines, which keep no feature shards
     model: TrainedModel
     scores: SplitScores
     evaluation: EvaluationResult
@@ -73,6 +74,13 @@ def train_and_evaluate(
 ) -> TrainedAndEvaluated:
     """The six stages for one category: train on `data_url`, evaluate on the test split of `canary_url`."""
     fetched = fetch_category(data_url, category, work_dir)
+    if config.method != "patchcore":  # SPADE / PaDiM: one fit+score stage, then the same metrics
+        if canary_url != data_url:
+            raise ValueError(f"method={config.method!r} evaluates on the training dataset's test split only")
+        run = fit_and_score_baseline(fetched, config, work_dir)
+        evaluation = compute_metrics(run.scores, fetched, run.model, work_dir)
+        return TrainedAndEvaluated(fetched=fetched, canary=fetched, test_features=None, model=run.model,
+                                   scores=run.scores, evaluation=evaluation)
     canary = fetched if canary_url == data_url else fetch_category(canary_url, category, work_dir)
     train_features = extract_features(fetched, config, work_dir, split="train")
     test_features = extract_features(canary, config, work_dir, split="test")
@@ -92,8 +100,9 @@ def benchmark_category(
     run_id = start_run(work_dir, experiment, category, parent_run_id=parent_run_id, tags={"category": category})
     try:
         out = train_and_evaluate(data_url, data_url, category, config, work_dir)
+        register_as = registered_model_name(category) if register and config.method == "patchcore" else None
         logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
-                              register_as=registered_model_name(category) if register else None)
+                              register_as=register_as)
     except BaseException:
         end_run(work_dir, run_id, "FAILED")
         raise
@@ -171,6 +180,8 @@ def nightly_retrain(
 ) -> list[PromotionDecision]:
     """Retrain a product line's categories and promote each challenger that is not worse than its champion."""
     config = config or ModelConfig()
+    if config.method != "patchcore":
+        raise ValueError(f"nightly-retrain registers PatchCore models only, not method={config.method!r}")
     work = str(get_settings().resolve_work_dir(work_dir))
     categories = categories or list_categories(data_url)
     canary = canary_url or data_url

@@ -462,3 +462,58 @@ def evaluate_scores(
     result = MetricsResult(str(out), metrics, str(out / "metrics.json"), figures, fp)
     _write_done(out, {"fingerprint": fp, "result": result.to_dict()})
     return result
+
+
+# ============================================================================================== baselines
+
+
+def fit_score_baseline(
+    method: str,
+    params: dict[str, Any],
+    data_root: str,
+    category: str,
+    data_digest: str,
+    out_base: str | os.PathLike,
+    device: str = "auto",
+    num_threads: int | None = None,
+) -> tuple[str, ScoreResult]:
+    """SPADE or PaDiM in one stage: fit on the train split, save the model, score the test split.
+
+    The baselines keep no patch bank worth sharding, so extract/coreset/index collapse into this one step;
+    its outputs (model folder, predictions.parquet, anomaly_maps.npy, gt_masks.npy) match `score_split`'s.
+    """
+    from patchcore_core.baselines import make_detector
+
+    fp = fingerprint("baseline", method, params, category, data_digest)
+    out = Path(out_base) / category / f"baseline-{method}-{fp}"
+    files = [out / "predictions.parquet", out / "anomaly_maps.npy", out / "gt_masks.npy", out / "model"]
+    done = _read_done(out)
+    if _finished(done, fp, *files):
+        return str(out / "model"), ScoreResult(**done["result"])
+    listing = list_category(data_root, category)
+    model = make_detector(method, strict=False, **dict(params, device=device, num_threads=num_threads,
+                                                        progress=False))
+    model.fit([s.path for s in listing.train])
+    model.save(out / "model")
+    start = time.perf_counter()
+    scores, maps = model.predict([s.path for s in listing.test])
+    elapsed = time.perf_counter() - start
+    masks = load_masks(listing.test, model.resize, model.image_size)
+    table = pd.DataFrame(
+        {
+            "image_index": np.arange(len(listing.test), dtype=np.int32),
+            "relpath": [_relpath(listing, s.path) for s in listing.test],
+            "label": np.array([s.label for s in listing.test], np.int8),
+            "defect_type": [s.defect_type for s in listing.test],
+            "score": scores.astype(np.float32),
+        }
+    )
+    with atomic_write(out / "predictions.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    for name, array in (("anomaly_maps.npy", maps.astype(np.float32)), ("gt_masks.npy", masks.astype(np.uint8))):
+        with atomic_write(out / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    result = ScoreResult(str(out), *(str(f) for f in files[:3]), len(listing.test), fp,
+                         round(elapsed / max(1, len(listing.test)), 6))
+    _write_done(out, {"fingerprint": fp, "result": result.to_dict()})
+    return str(out / "model"), result

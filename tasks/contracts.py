@@ -21,6 +21,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: Literal["patchcore", "spade", "padim"] = "patchcore"  # the baselines skip the coreset/index stages
     backbone: str = "wide_resnet50_2"
     layers: list[str] | None = None
     weights: str | None = None
@@ -41,7 +42,7 @@ class ModelConfig(BaseModel):
 
     def patchcore_params(self) -> dict[str, Any]:
         """Keyword arguments for `PatchCore(...)` (without device/threads/progress)."""
-        params = self.model_dump(exclude={"indices"})
+        params = self.model_dump(exclude={"indices", "method"})
         params["index"] = self.indices[0]
         return params
 

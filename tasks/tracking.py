@@ -157,6 +157,11 @@ def log_category(
     client.log_artifact(run_id, str(to_path(evaluation.metrics_uri)), "evaluation")
 
     model_dir = to_path(model.model_uri)
+    if config.method != "patchcore":  # SPADE / PaDiM: their saved folder as artifacts; the registry is PatchCore's
+        client.log_artifacts(run_id, str(model_dir), "model")
+        client.log_artifact(run_id, str(to_path(scores.predictions_uri)), "evaluation")
+        return CategoryRun(category=fetched.category, fetched=fetched, model=model, scores=scores,
+                           evaluation=evaluation, mlflow_run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp:
         serving = _serving_file(Path(tmp), evaluation, fetched.category)
         artifacts = {key: str(model_dir / name) for key, name in
