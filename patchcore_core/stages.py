@@ -366,24 +366,30 @@ def score_split(
         scores[image_index] = batch_scores
         maps[image_index] = anomaly_maps(grids, model.image_size)
     elapsed = time.perf_counter() - start
-    masks = load_masks(listing.test, model.resize, model.image_size)
+    return _write_scores(out, fp, listing, scores, maps, load_masks(listing.test, model.resize, model.image_size),
+                         elapsed)
+
+
+def _write_scores(out: Path, fp: str, listing: CategoryListing, scores: np.ndarray, maps: np.ndarray,
+                  masks: np.ndarray, elapsed: float) -> ScoreResult:
+    """Write predictions.parquet, anomaly_maps.npy and gt_masks.npy (test-listing order), then the marker."""
+    n = len(listing.test)
     table = pd.DataFrame(
         {
-            "image_index": np.arange(test.n_images, dtype=np.int32),
+            "image_index": np.arange(n, dtype=np.int32),
             "relpath": [_relpath(listing, s.path) for s in listing.test],
             "label": np.array([s.label for s in listing.test], np.int8),
             "defect_type": [s.defect_type for s in listing.test],
-            "score": scores,
+            "score": scores.astype(np.float32),
         }
     )
     with atomic_write(out / "predictions.parquet") as tmp:
         table.to_parquet(tmp, index=False)
-    for name, array in (("anomaly_maps.npy", maps), ("gt_masks.npy", masks.astype(np.uint8))):
+    for name, array in (("anomaly_maps.npy", maps.astype(np.float32)), ("gt_masks.npy", masks.astype(np.uint8))):
         with atomic_write(out / name) as tmp, open(tmp, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
     result = ScoreResult(str(out), str(out / "predictions.parquet"), str(out / "anomaly_maps.npy"),
-                         str(out / "gt_masks.npy"), test.n_images, fp,
-                         round(elapsed / max(1, test.n_images), 6))
+                         str(out / "gt_masks.npy"), n, fp, round(elapsed / max(1, n), 6))
     _write_done(out, {"fingerprint": fp, "result": result.to_dict()})
     return result
 
@@ -486,9 +492,8 @@ def fit_score_baseline(
 
     fp = fingerprint("baseline", method, params, category, data_digest)
     out = Path(out_base) / category / f"baseline-{method}-{fp}"
-    files = [out / "predictions.parquet", out / "anomaly_maps.npy", out / "gt_masks.npy", out / "model"]
     done = _read_done(out)
-    if _finished(done, fp, *files):
+    if _finished(done, fp, out / "predictions.parquet", out / "anomaly_maps.npy", out / "gt_masks.npy", out / "model"):
         return str(out / "model"), ScoreResult(**done["result"])
     listing = list_category(data_root, category)
     model = make_detector(method, strict=False, **dict(params, device=device, num_threads=num_threads,
@@ -499,21 +504,4 @@ def fit_score_baseline(
     scores, maps = model.predict([s.path for s in listing.test])
     elapsed = time.perf_counter() - start
     masks = load_masks(listing.test, model.resize, model.image_size)
-    table = pd.DataFrame(
-        {
-            "image_index": np.arange(len(listing.test), dtype=np.int32),
-            "relpath": [_relpath(listing, s.path) for s in listing.test],
-            "label": np.array([s.label for s in listing.test], np.int8),
-            "defect_type": [s.defect_type for s in listing.test],
-            "score": scores.astype(np.float32),
-        }
-    )
-    with atomic_write(out / "predictions.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
-    for name, array in (("anomaly_maps.npy", maps.astype(np.float32)), ("gt_masks.npy", masks.astype(np.uint8))):
-        with atomic_write(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-    result = ScoreResult(str(out), *(str(f) for f in files[:3]), len(listing.test), fp,
-                         round(elapsed / max(1, len(listing.test)), 6))
-    _write_done(out, {"fingerprint": fp, "result": result.to_dict()})
-    return str(out / "model"), result
+    return str(out / "model"), _write_scores(out, fp, listing, scores, maps, masks, elapsed)
