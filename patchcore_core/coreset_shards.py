@@ -14,7 +14,6 @@ runs, whatever its inner loop.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,20 +27,7 @@ __all__ = ["project_shards", "gather_rows", "select_from_shards"]
 
 def project_shards(paths: Sequence[str | os.PathLike], project) -> np.ndarray:
     """Apply `project` ([rows, D] → [rows, p]) to every row group of the shards; returns [N, p]."""
-    total = shard_io.count_rows(paths)
-    out: np.ndarray | None = None
-    row = 0
-    for group in shard_io.iter_row_groups(paths, ("embedding",)):
-        with warnings.catch_warnings():  # torch warns once about wrapping a read-only (Arrow-backed) array
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            projected = np.asarray(project(group["embedding"]))
-        if out is None:
-            out = np.empty((total, projected.shape[1]), dtype=projected.dtype)
-        out[row : row + len(projected)] = projected
-        row += len(projected)
-    if out is None:
-        raise ValueError("no rows in the shards")
-    return out
+    return shard_io.read_embeddings(paths, transform=project)
 
 
 def gather_rows(paths: Sequence[str | os.PathLike], indices: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,15 +193,23 @@ def count_rows(paths: Sequence[str | os.PathLike]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
 
-def read_embeddings(paths: Sequence[str | os.PathLike]) -> np.ndarray:
-    """All embeddings of the shards as one [rows, D] float32 array (one copy into a preallocated array)."""
+def read_embeddings(paths: Sequence[str | os.PathLike], transform=None) -> np.ndarray:
+    """All embeddings of the shards as one [rows, D] array, one row group at a time into a preallocated array.
+
+    `transform` ([rows, D] → [rows, p], e.g. the coreset's JL projection) is applied per row group, so only the
+    transformed matrix is ever held whole.
+    """
     total = count_rows(paths)
     out: np.ndarray | None = None
     row = 0
     for group in iter_row_groups(paths, ("embedding",)):
         emb = group["embedding"]
+        if transform is not None:
+            with warnings.catch_warnings():  # torch warns once about wrapping a read-only (Arrow-backed) array
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                emb = np.asarray(transform(emb))
         if out is None:
-            out = np.empty((total, emb.shape[1]), dtype=np.float32)
+            out = np.empty((total, emb.shape[1]), dtype=np.float32 if transform is None else emb.dtype)
         out[row : row + len(emb)] = emb
         row += len(emb)
     if out is None:
