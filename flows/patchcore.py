@@ -44,7 +44,15 @@ from tasks.registry import (
 from tasks.reporting import publish_benchmark, publish_promotions
 from tasks.score import score_test_split
 from tasks.settings import get_settings
-from tasks.tracking import end_run, log_category, log_results_table, registered_model_name, start_run, tracking_uri
+from tasks.tracking import (
+    end_run,
+    log_category,
+    log_results_table,
+    registered_model_name,
+    start_run,
+    tracked_run,
+    tracking_uri,
+)
 
 BENCHMARK_EXPERIMENT = "patchcore-benchmark"
 RETRAIN_EXPERIMENT = "patchcore-retrain"
@@ -97,17 +105,12 @@ def benchmark_category(
     data_url: str, category: str, config: ModelConfig, work_dir: str, parent_run_id: str,
     experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
 ) -> CategoryRun:
-    run_id = start_run(work_dir, experiment, category, parent_run_id=parent_run_id, tags={"category": category})
-    try:
+    with tracked_run(work_dir, experiment, category, parent_run_id=parent_run_id,
+                     tags={"category": category}) as run_id:
         out = train_and_evaluate(data_url, data_url, category, config, work_dir)
         register_as = registered_model_name(category) if register and config.method == "patchcore" else None
-        logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
-                              register_as=register_as)
-    except BaseException:
-        end_run(work_dir, run_id, "FAILED")
-        raise
-    end_run(work_dir, run_id)
-    return logged
+        return log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
+                            register_as=register_as)
 
 
 @flow(name="full-benchmark", result_serializer="json")
@@ -146,9 +149,8 @@ def retrain_category(
 ) -> PromotionDecision:
     """Train, evaluate on the canary set, register as challenger; promote to champion unless it is worse."""
     name = registered_model_name(category)
-    run_id = start_run(work_dir, experiment, category, parent_run_id=parent_run_id,
-                       tags={"category": category, "canary_url": canary_url})
-    try:
+    with tracked_run(work_dir, experiment, category, parent_run_id=parent_run_id,
+                     tags={"category": category, "canary_url": canary_url}) as run_id:
         out = train_and_evaluate(data_url, canary_url, category, config, work_dir)
         logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
                               register_as=name)
@@ -165,10 +167,6 @@ def retrain_category(
         log_promotion(work_dir, run_id, decision)
         if decision.promote:
             set_alias(work_dir, name, CHAMPION, logged.registered_version)
-    except BaseException:
-        end_run(work_dir, run_id, "FAILED")
-        raise
-    end_run(work_dir, run_id)
     return decision
 
 
@@ -185,20 +183,14 @@ def nightly_retrain(
     work = str(get_settings().resolve_work_dir(work_dir))
     categories = categories or list_categories(data_url)
     canary = canary_url or data_url
-    parent = start_run(work, experiment, f"nightly-retrain-{product_line}",
-                       params={"product_line": product_line, "data_url": data_url, "canary_url": canary,
-                               "categories": categories, "promotion_metric": metric, "min_delta": min_delta,
-                               **config.model_dump()},
-                       tags={"product_line": product_line})
+    params = {"product_line": product_line, "data_url": data_url, "canary_url": canary, "categories": categories,
+              "promotion_metric": metric, "min_delta": min_delta, **config.model_dump()}
     per_category = retrain_category.with_options(result_storage=results_dir(work))
-    try:
+    with tracked_run(work, experiment, f"nightly-retrain-{product_line}", params=params,
+                     tags={"product_line": product_line}) as parent:
         decisions = [per_category(data_url, canary, category, config, work, parent, experiment, metric, min_delta)
                      for category in categories]
         publish_promotions(decisions, product_line)
-    except BaseException:
-        end_run(work, parent, "FAILED")
-        raise
-    end_run(work, parent)
     return decisions
 
 

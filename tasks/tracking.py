@@ -7,9 +7,11 @@ artifact folder; MLFLOW_TRACKING_URI (or PATCHCORE_MLFLOW_TRACKING_URI) override
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,18 @@ def start_run(
 @task(name="mlflow-end-run", **MLFLOW_TASK)
 def end_run(work_dir: str, run_id: str, status: str = "FINISHED") -> None:
     client_for(work_dir).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def tracked_run(work_dir: str, experiment: str, run_name: str, **kwargs: Any) -> Iterator[str]:
+    """An MLflow run for the block: its id is yielded; it ends FINISHED, or FAILED if the block raises."""
+    run_id = start_run(work_dir, experiment, run_name, **kwargs)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(work_dir, run_id, "FAILED")
+        raise
+    end_run(work_dir, run_id)
 
 
 def _serving_file(directory: Path, evaluation: EvaluationResult, category: str) -> Path:
