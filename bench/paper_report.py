@@ -4,7 +4,9 @@
     .venv/bin/python bench/paper_report.py --categories all --backbone wide_resnet50_2 --device cuda
 
 Writes bench/results/paper_report.md and its figures under bench/results/paper_report_figures/ (see
-`patchcore_core.report.run_paper_report` for what is run and how features are reused).
+`experiments.paper_report` for what is run and how features are reused; docs/paper_report.md for the modules).
+Detector flags (--backbone, --resize, ...) override `ReportConfig.base`, i.e. `patchcore_core.config.DetectorParams`
+defaults; the other flags are the grid's own settings.
 """
 
 from __future__ import annotations
@@ -33,17 +35,37 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+# Detector flags: (flag, DetectorParams field, argparse type, help). A flag not given sets nothing: the field keeps
+# the report's base value (backbone efficientnet_lite0) or the schema default.
+DETECTOR_FLAGS = (
+    ("--backbone", "backbone", str, "backbone (default: efficientnet_lite0, offline weights)"),
+    ("--weights", "weights", str, "local backbone weights file"),
+    ("--layers", "layers", _names, "PatchCore layers, comma-separated hierarchy layer names (default: backbone's)"),
+    ("--patch-size", "patch_size", int, "PatchCore neighbourhood P (default 3)"),
+    ("--resize", "resize", _int_or_none, "shorter side before the centre crop, or none (default 256)"),
+    ("--image-size", "image_size", int, "centre crop (default 224)"),
+    ("--k-images", "k_images", int, "SPADE's K nearest train images (default 50)"),
+    ("--n-features", "n_features", int, "PaDiM's channels kept (default: backbone's)"),
+    ("--seed", "seed", int, "seed of projections, random subsets and channel choices (default 0)"),
+    ("--batch-size", "batch_size", int, "images per backbone batch (default 16)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA, help="MVTec-layout root (local path, file:// or s3://)")
     p.add_argument("--categories", default="bottle", help="comma-separated categories, or 'all'")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None, help="local backbone weights file")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "paper_report.md"))
     p.add_argument("--figures-dir", default=None, help="default: <out without .md>_figures next to the report")
     p.add_argument("--tables-dir", default=None, help="also write every table as CSV here")
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--coreset-ratios", type=_floats, default=(0.25, 0.1, 0.01))
     p.add_argument("--ablation-ratio", type=float, default=0.01,
                    help="coreset ratio of the patch-size / layer / image-size ablations")
@@ -55,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-images", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default $PATCHCORE_THREADS)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    detector = p.add_argument_group("detector settings (override ReportConfig.base)")
+    for flag, name, kind, text in DETECTOR_FLAGS:
+        detector.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
     return p
 
 
@@ -66,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     sys.path.insert(0, str(REPO))
+    from experiments.paper_report import EXPERIMENTS, run_paper_report
     from patchcore_core.data import list_categories
-    from patchcore_core.report import EXPERIMENTS, run_paper_report
 
     categories = (list_categories(args.data) if args.categories == "all"
                   else [c for c in args.categories.split(",") if c])
+    base = {name: getattr(args, name) for _, name, _, _ in DETECTOR_FLAGS if hasattr(args, name)}
     overrides = dict(
-        backbone=args.backbone, weights=args.weights, resize=args.resize, image_size=args.image_size,
-        coreset_ratios=args.coreset_ratios, ablation_ratio=args.ablation_ratio, image_sizes=args.image_sizes,
+        base=base, coreset_ratios=args.coreset_ratios, ablation_ratio=args.ablation_ratio, image_sizes=args.image_sizes,
         lowshot_sizes=args.lowshot_sizes, timing_images=args.timing_images, device=args.device,
-        num_threads=args.threads, seed=args.seed,
+        num_threads=args.threads,
         experiments=tuple(args.experiments.split(",")) if args.experiments else EXPERIMENTS,
     )
     if 0.1 in args.coreset_ratios:

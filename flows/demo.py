@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         data_url = str(bucket)
 
     from flows.patchcore import patchcore
-    from tasks.contracts import ModelConfig
+    from patchcore_core.config import DetectorParams
     from tasks.tracking import markdown_table, results_table
 
-    config = ModelConfig(backbone=args.backbone, image_size=args.image_size, resize=args.resize,
+    config = DetectorParams(backbone=args.backbone, image_size=args.image_size, resize=args.resize,
                          coreset_ratio=args.coreset_ratio)
     runs = patchcore(mode="full-benchmark", data_url=data_url, categories=args.categories, config=config,
                      work_dir=str(work))

@@ -15,22 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from patchcore_core.config import DetectorParams
 from patchcore_core.data import list_categories as list_categories_lib
-from tasks.baseline import fit_and_score_baseline
-from tasks.contracts import (
-    CategoryRun,
-    EvaluationResult,
-    ExtractedFeatures,
-    FetchedCategory,
-    ModelConfig,
-    SplitScores,
-    TrainedModel,
-)
-from tasks.coreset import select_coreset
-from tasks.extract import extract_features
-from tasks.fetch import fetch_category
-from tasks.index import build_index
-from tasks.metrics import compute_metrics
+from patchcore_core.stages.extract import SplitFeatures
+from patchcore_core.stages.fetch import FetchResult
+from patchcore_core.stages.index import ModelResult
+from patchcore_core.stages.metrics import MetricsResult
+from patchcore_core.stages.score import ScoreResult
 from tasks.paper_report import publish_report, run_report_grid
 from tasks.registry import (
     CHALLENGER,
@@ -42,9 +33,18 @@ from tasks.registry import (
     set_alias,
 )
 from tasks.reporting import publish_benchmark, publish_promotions
-from tasks.score import score_test_split
 from tasks.settings import get_settings
+from tasks.stages import (
+    build_index,
+    compute_metrics,
+    extract_features,
+    fetch_category,
+    fit_and_score_baseline,
+    score_test_split,
+    select_coreset,
+)
 from tasks.tracking import (
+    CategoryRun,
     end_run,
     log_category,
     log_results_table,
@@ -59,17 +59,12 @@ RETRAIN_EXPERIMENT = "patchcore-retrain"
 
 
 class TrainedAndEvaluated(BaseModel):
-    fetched: FetchedCategory
-    canary: FetchedCategory
-    test_features: ExtractedFeatures | None  # None for the baselines, which keep no feature shards
-    model: TrainedModel
-    scores: SplitScores
-    evaluation: EvaluationResult
-
-
-def results_dir(work_dir: str) -> Path:
-    """Where Prefect keeps the stages' cache records: beside the outputs they point to."""
-    return Path(work_dir) / ".prefect-results"
+    fetched: FetchResult
+    canary: FetchResult
+    test_features: SplitFeatures | None  # None for the baselines, which keep no feature shards
+    model: ModelResult
+    scores: ScoreResult
+    evaluation: MetricsResult
 
 
 @task(name="list-categories", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
@@ -78,7 +73,7 @@ def list_categories(data_url: str) -> list[str]:
 
 
 def train_and_evaluate(
-    data_url: str, canary_url: str, category: str, config: ModelConfig, work_dir: str
+    data_url: str, canary_url: str, category: str, config: DetectorParams, work_dir: str
 ) -> TrainedAndEvaluated:
     """The six stages for one category: train on `data_url`, evaluate on the test split of `canary_url`."""
     fetched = fetch_category(data_url, category, work_dir)
@@ -102,7 +97,7 @@ def train_and_evaluate(
 
 @flow(name="benchmark-category", flow_run_name="benchmark-{category}", result_serializer="json")
 def benchmark_category(
-    data_url: str, category: str, config: ModelConfig, work_dir: str, parent_run_id: str,
+    data_url: str, category: str, config: DetectorParams, work_dir: str, parent_run_id: str,
     experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
 ) -> CategoryRun:
     with tracked_run(work_dir, experiment, category, parent_run_id=parent_run_id,
@@ -115,17 +110,17 @@ def benchmark_category(
 
 @flow(name="full-benchmark", result_serializer="json")
 def full_benchmark(
-    data_url: str, categories: list[str] | None = None, config: ModelConfig | None = None,
+    data_url: str, categories: list[str] | None = None, config: DetectorParams | None = None,
     work_dir: str | None = None, experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
 ) -> list[CategoryRun]:
     """Every category under `data_url` (or the given ones): one MLflow parent run, one nested run each."""
     logger = get_run_logger()
-    config = config or ModelConfig()
+    config = config or DetectorParams()
     work = str(get_settings().resolve_work_dir(work_dir))
     categories = categories or list_categories(data_url)
     parent = start_run(work, experiment, "full-benchmark", params={"data_url": data_url, "categories": categories,
                                                                    **config.model_dump()})
-    per_category = benchmark_category.with_options(result_storage=results_dir(work))
+    per_category = benchmark_category
     runs, failed = [], []
     for category in categories:
         state = per_category(data_url, category, config, work, parent, experiment, register, return_state=True)
@@ -144,7 +139,7 @@ def full_benchmark(
 
 @flow(name="retrain-category", flow_run_name="retrain-{category}", result_serializer="json")
 def retrain_category(
-    data_url: str, canary_url: str, category: str, config: ModelConfig, work_dir: str, parent_run_id: str,
+    data_url: str, canary_url: str, category: str, config: DetectorParams, work_dir: str, parent_run_id: str,
     experiment: str = RETRAIN_EXPERIMENT, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> PromotionDecision:
     """Train, evaluate on the canary set, register as challenger; promote to champion unless it is worse."""
@@ -173,11 +168,11 @@ def retrain_category(
 @flow(name="nightly-retrain", result_serializer="json")
 def nightly_retrain(
     data_url: str, product_line: str = "default", categories: list[str] | None = None,
-    canary_url: str | None = None, config: ModelConfig | None = None, work_dir: str | None = None,
+    canary_url: str | None = None, config: DetectorParams | None = None, work_dir: str | None = None,
     experiment: str = RETRAIN_EXPERIMENT, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> list[PromotionDecision]:
     """Retrain a product line's categories and promote each challenger that is not worse than its champion."""
-    config = config or ModelConfig()
+    config = config or DetectorParams()
     if config.method != "patchcore":
         raise ValueError(f"nightly-retrain registers PatchCore models only, not method={config.method!r}")
     work = str(get_settings().resolve_work_dir(work_dir))
@@ -185,7 +180,7 @@ def nightly_retrain(
     canary = canary_url or data_url
     params = {"product_line": product_line, "data_url": data_url, "canary_url": canary, "categories": categories,
               "promotion_metric": metric, "min_delta": min_delta, **config.model_dump()}
-    per_category = retrain_category.with_options(result_storage=results_dir(work))
+    per_category = retrain_category
     with tracked_run(work, experiment, f"nightly-retrain-{product_line}", params=params,
                      tags={"product_line": product_line}) as parent:
         decisions = [per_category(data_url, canary, category, config, work, parent, experiment, metric, min_delta)
@@ -201,7 +196,8 @@ def paper_report(
 ) -> str:
     """SPADE, PaDiM and PatchCore-25/10/1% with the paper's ablations and timings as one Markdown report.
 
-    `report` overrides `patchcore_core.report.ReportConfig` fields (backbone, coreset_ratios, experiments, ...).
+    `report` overrides `experiments.paper_report.ReportConfig` settings (grid settings, or detector settings by
+    their `DetectorParams` name, which go into its `base`).
     Returns the MLflow run id holding the report, its tables and figures.
     """
     work = str(get_settings().resolve_work_dir(work_dir))
@@ -215,7 +211,7 @@ def patchcore(
     mode: Literal["full-benchmark", "nightly-retrain", "paper-report"] = "full-benchmark",
     data_url: str = "runs/demo/bucket/mvtec-demo",
     categories: list[str] | None = None,
-    config: ModelConfig | None = None,
+    config: DetectorParams | None = None,
     work_dir: str | None = None,
     product_line: str = "default",
     canary_url: str | None = None,

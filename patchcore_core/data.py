@@ -45,12 +45,13 @@ __all__ = [
     "load_images",
     "load_masks",
     "iter_batches",
+    "open_location",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 # s3 defaults that make an unreachable endpoint fail in seconds instead of minutes of retries.
-_S3_FAST_FAIL = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2}}
+_S3_FAST_FAIL = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ def _options(url: str, storage_options: dict | None) -> dict:
     return options
 
 
-def _url_to_fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
-    """Resolve `url` to (filesystem, stripped path); configuration errors become DataError."""
+def open_location(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """The one fsspec entry point: (filesystem, stripped path) of `url`, with the s3 fast-fail defaults;
+    configuration errors become DataError."""
     try:
         return fsspec.core.url_to_fs(url, **_options(url, storage_options))
     except Exception as exc:  # unknown protocol, missing driver, bad options
@@ -148,7 +150,7 @@ def _subdirs(fs: Any, path: str) -> list[str]:
 
 def list_categories(root: str, storage_options: dict | None = None) -> list[str]:
     """Sorted names of the subfolders of `root` that hold a `train/good` folder."""
-    fs, base = _url_to_fs(str(root), storage_options)
+    fs, base = open_location(str(root), storage_options)
     _fresh(fs)
     _check_dir(fs, base, str(root), "dataset root")
     return _categories(fs, base)
@@ -161,7 +163,7 @@ def _categories(fs: Any, base: str) -> list[str]:
 def list_category(root: str, category: str, storage_options: dict | None = None) -> CategoryListing:
     """List and validate one category; every layout problem raises DataError naming the folder or file."""
     root = str(root)
-    fs, base = _url_to_fs(root, storage_options)
+    fs, base = open_location(root, storage_options)
     _fresh(fs)
     _check_dir(fs, base, root, "dataset root")
     cat = f"{base.rstrip('/')}/{category}"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from patchcore_core.artifacts import atomic_dir
 from patchcore_core.errors import DataError
-from patchcore_core.io_utils import atomic_dir
 
 __all__ = ["DEMO_PHOTOS", "DEFAULT_CATEGORIES", "DEFECT_TYPES", "add_defect", "write_demo_dataset"]
 

@@ -15,3 +15,7 @@ class WeightsUnavailableError(PatchCoreError, RuntimeError):
 
 class IncompatibleModelError(PatchCoreError, ValueError):
     """A saved model was written by an incompatible library version or is incomplete."""
+
+
+class ConfigError(PatchCoreError, ValueError):
+    """A setting outside its allowed range; the message names the setting, the range and the value given."""

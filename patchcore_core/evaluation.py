@@ -11,16 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from patchcore_core.artifacts import METRICS_FILE, atomic_write
 from patchcore_core.data import CategoryListing, list_category, load_masks
-from patchcore_core.io_utils import atomic_write
 from patchcore_core.metrics import compute_metrics, plot_roc_pr
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.parquet"
-MAPS_FILE = "anomaly_maps.npy"
-MASKS_FILE = "gt_masks.npy"
+from patchcore_core.stages.score import write_scores
 
 
 @dataclass
@@ -71,20 +66,8 @@ def write_evaluation(result: Evaluation, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
+    write_scores(out, result.listing, result.scores, result.maps, result.masks)
     labels = np.array([s.label for s in result.listing.test])
-    table = pd.DataFrame(
-        {
-            "path": [s.path for s in result.listing.test],
-            "label": labels.astype(np.int8),
-            "defect_type": [s.defect_type for s in result.listing.test],
-            "score": result.scores.astype(np.float32),
-        }
-    )
-    with atomic_write(out / PREDICTIONS_FILE) as tmp:
-        table.to_parquet(tmp, index=False)
-    for name, array in ((MAPS_FILE, result.maps.astype(np.float32)), (MASKS_FILE, result.masks.astype(np.uint8))):
-        with atomic_write(out / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
     plot_roc_pr(labels, result.scores, out / "roc_pr.png", title=result.listing.category)
     with atomic_write(out / METRICS_FILE) as tmp:
         tmp.write_text(json.dumps(result.metrics, indent=2))

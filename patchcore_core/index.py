@@ -8,7 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from patchcore_core.io_utils import atomic_write
+from patchcore_core.artifacts import atomic_write
 
 INDEX_KINDS = ("flat", "ivfpq")
 

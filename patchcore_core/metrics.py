@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from patchcore_core.io_utils import atomic_write
+from patchcore_core.artifacts import atomic_write
 
 __all__ = [
     "image_auroc",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_core.io_utils import atomic_write
+from patchcore_core.artifacts import atomic_write
 
 __all__ = ["select_cases", "plot_overlays"]
 

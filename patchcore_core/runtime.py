@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,3 +33,23 @@ def configure_threads(num_threads: int | None = None) -> int:
 
     faiss.omp_set_num_threads(num_threads)
     return num_threads
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a pipeline stage runs (never what it computes): device, threads, and where progress is logged."""
+
+    device: str = "auto"
+    num_threads: int | None = None
+    log: Callable[[str], None] | None = None
+
+    def say(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
+
+    def estimator_kwargs(self) -> dict:
+        """The runtime arguments every detector constructor takes."""
+        return {"device": self.device, "num_threads": self.num_threads, "progress": False}
+
+
+DEFAULT_RUNTIME = Runtime()  # auto device, default threads, no log

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,3 +40,28 @@ def anomaly_maps(scores: np.ndarray, out_size: int | tuple[int, int], sigma: flo
     if sigma > 0:
         up = gaussian_filter(up, sigma=(0, sigma, sigma), truncate=4.0)
     return up.astype(np.float32, copy=False)
+
+
+def score_stream(
+    batches: Iterable[tuple[np.ndarray | None, Any]],
+    score_batch: Callable[[Any], tuple[np.ndarray, np.ndarray]],
+    n_images: int,
+    image_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one scoring loop: (image scores [N], anomaly maps [N, S, S]) from `score_batch` over batches.
+
+    Each batch is (image positions [b] or None for "next in order", the batch input: images or patch features).
+    Results are written into preallocated arrays, so peak memory is the output plus one batch.
+    """
+    scores = np.empty(n_images, np.float32)
+    maps = np.empty((n_images, image_size, image_size), np.float32)
+    row = 0
+    for positions, batch in batches:
+        batch_scores, batch_maps = score_batch(batch)
+        where = np.arange(row, row + len(batch_scores)) if positions is None else positions
+        scores[where] = batch_scores
+        maps[where] = batch_maps
+        row += len(batch_scores)
+    if row != n_images:
+        raise ValueError(f"scored {row} images, expected {n_images}")
+    return scores, maps

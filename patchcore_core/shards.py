@@ -3,7 +3,7 @@
 Layout under a feature root (one root per feature configuration)::
 
     <root>/[dataset=<dataset>/]category=<category>/split=<split>/part-00000.parquet
-    <root>/[dataset=<dataset>/]category=<category>/split=<split>/_SUCCESS.json  (written last)
+    <root>/[dataset=<dataset>/]category=<category>/split=<split>/_SUCCESS.json  (the extract stage's marker)
 
 One row per patch, in image order then patch (row-major grid) order, exactly the order of
 `PatchCore.iter_features`. Columns: `image_index` int32 (position in the split listing), `patch_index` int32,
@@ -29,10 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from patchcore_core.io_utils import atomic_write
+from patchcore_core.artifacts import atomic_write
 
 __all__ = [
-    "SUCCESS_FILE",
     "ShardInfo",
     "partition_dir",
     "shard_path",
@@ -42,15 +41,13 @@ __all__ = [
     "shard_is_complete",
     "iter_row_groups",
     "iter_image_batches",
+    "embeddings_view",
     "read_embeddings",
     "count_rows",
     "count_dim",
-    "write_success",
-    "read_success",
     "open_dataset",
 ]
 
-SUCCESS_FILE = "_SUCCESS.json"
 META_KEY = b"patchcore.shard"
 
 
@@ -147,7 +144,7 @@ def shard_is_complete(path: str | os.PathLike, fingerprint: str) -> bool:
         return False
 
 
-def _embeddings_view(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+def embeddings_view(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
     """A read-only [rows, D] float32 numpy view of an embedding column (zero-copy for one chunk)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -171,7 +168,7 @@ def iter_row_groups(
             for name in columns:
                 col = table.column(name)
                 if name == "embedding":
-                    out[name] = _embeddings_view(col)
+                    out[name] = embeddings_view(col)
                 else:
                     chunk = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
                     out[name] = chunk.to_numpy(zero_copy_only=True)
@@ -215,23 +212,6 @@ def read_embeddings(paths: Sequence[str | os.PathLike], transform=None) -> np.nd
     if out is None:
         raise ValueError("no shards (or only empty ones) to read")
     return out
-
-
-def write_success(directory: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write the partition's completion marker (JSON) atomically; readers trust only listed shards."""
-    path = Path(directory) / SUCCESS_FILE
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-    return path
-
-
-def read_success(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The completion marker of a partition, or None when the partition is not complete."""
-    path = Path(directory) / SUCCESS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def open_dataset(root: str | os.PathLike):

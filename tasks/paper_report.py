@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from patchcore_core.report import run_paper_report
+from experiments.paper_report import run_paper_report
 from tasks.reporting import artifact_key
 from tasks.settings import get_settings
 from tasks.tracking import client_for, end_run, start_run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -13,8 +12,10 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.common import to_uri
-from tasks.contracts import EvaluationResult, ModelConfig, TrainedModel
+from patchcore_core.artifacts import CONFIG_FILE, MODEL_FILES
+from patchcore_core.config import DetectorParams
+from patchcore_core.stages.index import ModelResult
+from patchcore_core.stages.metrics import MetricsResult
 from tasks.tracking import MLFLOW_TASK, client_for
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -26,8 +27,8 @@ class Champion(BaseModel):
     name: str
     version: str
     run_id: str | None
-    config: ModelConfig
-    model: TrainedModel
+    config: DetectorParams
+    model: ModelResult
 
 
 class PromotionDecision(BaseModel):
@@ -54,12 +55,6 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         raise
 
 
-def config_from_params(params: dict[str, Any]) -> ModelConfig:
-    """The pipeline config of a saved model's `config.json` params."""
-    fields = {k: params[k] for k in ModelConfig.model_fields if k in params and k != "indices"}
-    return ModelConfig(**fields, indices=[params.get("index", "flat")])
-
-
 @task(name="registry-current-champion", **MLFLOW_TASK)
 def current_champion(work_dir: str, name: str, category: str) -> Champion | None:
     """The `champion` version of `name` (None when there is none), with its model folder downloaded locally."""
@@ -69,7 +64,7 @@ def current_champion(work_dir: str, name: str, category: str) -> Champion | None
         return None
     target = Path(work_dir) / "champions" / name / f"v{version.version}"
     model_dir = target / "model"
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         download = target / "download"
         shutil.rmtree(download, ignore_errors=True)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
@@ -77,21 +72,18 @@ def current_champion(work_dir: str, name: str, category: str) -> Champion | None
         tmp = target / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for file in ("config.json", "memory_bank.npy", "index.faiss"):
+        for file in MODEL_FILES:
             shutil.copy2(local / "artifacts" / file, tmp / file)
         tmp.rename(model_dir)
         shutil.rmtree(download, ignore_errors=True)
-    params = json.loads((model_dir / "config.json").read_text())["params"]
-    config = config_from_params(params)
-    model = TrainedModel(
-        category=category, model_uri=to_uri(model_dir), model_uris={config.indices[0]: to_uri(model_dir)},
-        primary_index=config.indices[0], fingerprint=f"registry:{name}/{version.version}", params=params,
-    )
+    config = DetectorParams.from_estimator_params(json.loads((model_dir / CONFIG_FILE).read_text())["params"])
+    model = ModelResult(category=category, model_dir=str(model_dir), fingerprint=f"registry:{name}/{version.version}",
+                        params=config.model_dump())
     return Champion(name=name, version=str(version.version), run_id=version.run_id, config=config, model=model)
 
 
 def decide(
-    name: str, challenger: EvaluationResult, challenger_version: str, champion: EvaluationResult | None,
+    name: str, challenger: MetricsResult, challenger_version: str, champion: MetricsResult | None,
     champion_version: str | None, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> PromotionDecision:
     """Promote when there is no champion, or when challenger[metric] >= champion[metric] + min_delta.
@@ -117,7 +109,7 @@ def decide(
 
 @task(name="registry-decide-promotion", **MLFLOW_TASK)
 def decide_promotion(
-    name: str, challenger: EvaluationResult, challenger_version: str, champion: EvaluationResult | None,
+    name: str, challenger: MetricsResult, challenger_version: str, champion: MetricsResult | None,
     champion_version: str | None, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> PromotionDecision:
     return decide(name, challenger, challenger_version, champion, champion_version, metric, min_delta)

@@ -9,9 +9,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.contracts import CategoryRun
 from tasks.registry import PromotionDecision
-from tasks.tracking import markdown_table, results_table
+from tasks.tracking import CategoryRun, markdown_table, results_table
 
 
 def artifact_key(text: str) -> str:

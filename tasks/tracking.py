@@ -20,16 +20,33 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from prefect import task
+from pydantic import BaseModel
 
 import patchcore_core
-from tasks.common import to_path
-from tasks.contracts import CategoryRun, EvaluationResult, FetchedCategory, ModelConfig, SplitScores, TrainedModel
+from patchcore_core.config import DetectorParams
+from patchcore_core.stages.fetch import FetchResult
+from patchcore_core.stages.index import ModelResult
+from patchcore_core.stages.metrics import MetricsResult
+from patchcore_core.stages.score import ScoreResult
+from serving import PYFUNC_ARTIFACTS, PYFUNC_CODE
 from tasks.settings import get_settings
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MLFLOW_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}  # no cache: runs are not idempotent
 # The paper's Table S1-S3 columns, in order.
 TABLE_COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO"}
+
+
+class CategoryRun(BaseModel):
+    """Everything one category's pipeline produced, as the per-category subflow returns it."""
+
+    category: str
+    fetched: FetchResult
+    model: ModelResult
+    scores: ScoreResult
+    evaluation: MetricsResult
+    mlflow_run_id: str | None = None
+    registered_model: str | None = None
+    registered_version: str | None = None
 
 
 def tracking_uri(work_dir: str | Path) -> str:
@@ -116,7 +133,7 @@ def tracked_run(work_dir: str, experiment: str, run_name: str, **kwargs: Any) ->
     end_run(work_dir, run_id)
 
 
-def _serving_file(directory: Path, evaluation: EvaluationResult, category: str) -> Path:
+def _serving_file(directory: Path, evaluation: MetricsResult, category: str) -> Path:
     path = directory / "serving.json"
     path.write_text(json.dumps({
         "category": category,
@@ -155,8 +172,8 @@ def model_signature(threshold: float | None):
 
 @task(name="mlflow-log-category", **MLFLOW_TASK)
 def log_category(
-    work_dir: str, run_id: str, config: ModelConfig, fetched: FetchedCategory, model: TrainedModel,
-    scores: SplitScores, evaluation: EvaluationResult, register_as: str | None = None,
+    work_dir: str, run_id: str, config: DetectorParams, fetched: FetchResult, model: ModelResult,
+    scores: ScoreResult, evaluation: MetricsResult, register_as: str | None = None,
 ) -> CategoryRun:
     """Log one category's params, metrics, figures and pyfunc model to its run; register the model version."""
     client = client_for(work_dir)
@@ -166,20 +183,19 @@ def log_category(
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in
                                       numeric_metrics(evaluation.metrics).items()])
-    for uri in evaluation.figure_uris.values():
-        client.log_artifact(run_id, str(to_path(uri)), "figures")
-    client.log_artifact(run_id, str(to_path(evaluation.metrics_uri)), "evaluation")
+    for path in evaluation.figures.values():
+        client.log_artifact(run_id, path, "figures")
+    client.log_artifact(run_id, evaluation.metrics_path, "evaluation")
 
-    model_dir = to_path(model.model_uri)
+    model_dir = Path(model.model_dir)
     if config.method != "patchcore":  # SPADE / PaDiM: their saved folder as artifacts; the registry is PatchCore's
         client.log_artifacts(run_id, str(model_dir), "model")
-        client.log_artifact(run_id, str(to_path(scores.predictions_uri)), "evaluation")
+        client.log_artifact(run_id, scores.predictions, "evaluation")
         return CategoryRun(category=fetched.category, fetched=fetched, model=model, scores=scores,
                            evaluation=evaluation, mlflow_run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp:
         serving = _serving_file(Path(tmp), evaluation, fetched.category)
-        artifacts = {key: str(model_dir / name) for key, name in
-                     (("config", "config.json"), ("memory_bank", "memory_bank.npy"), ("index", "index.faiss"))}
+        artifacts = {key: str(model_dir / name) for key, name in PYFUNC_ARTIFACTS.items()}
         artifacts["serving"] = str(serving)
         with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; same thread, closed right away
             info = mlflow.pyfunc.log_model(
@@ -195,7 +211,7 @@ def log_category(
     if register_as:
         client.set_model_version_tag(register_as, version, "data_digest", fetched.digest)
         client.set_model_version_tag(register_as, version, "run_id", run_id)
-    client.log_artifact(run_id, str(to_path(scores.predictions_uri)), "evaluation")
+    client.log_artifact(run_id, scores.predictions, "evaluation")
     return CategoryRun(category=fetched.category, fetched=fetched, model=model, scores=scores,
                        evaluation=evaluation, mlflow_run_id=run_id, registered_model=register_as,
                        registered_version=version)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from patchcore_core.backbones import hierarchy_layers
 from patchcore_core.baselines import (
     SPADE,
     PaDiM,
@@ -16,7 +17,7 @@ from patchcore_core.baselines import (
     load_detector,
     make_detector,
 )
-from patchcore_core.baselines._common import hierarchy_layers, min_sq_distances
+from patchcore_core.baselines._common import min_sq_distances
 from patchcore_core.errors import IncompatibleModelError
 
 S = 64  # image size: grids 16/8/4 at blocks.1/2/4, 2x2 at blocks.6
@@ -163,7 +164,7 @@ def test_min_sq_distances_matches_cdist():
 def test_spade_scores_follow_the_definition(spade, data):
     """Image score = mean L2 to the K nearest pooled train features; pixel kNN over those images only."""
     test = _test_set(data)
-    maps = spade.extractor_(test)
+    maps = spade.layer_maps(test)
     pooled = maps["blocks.6"].mean(dim=(2, 3)).double()
     train_pooled = torch.from_numpy(spade.train_embeddings_).double()
     dists = torch.cdist(pooled, train_pooled)
@@ -195,22 +196,27 @@ def test_spade_defaults_and_k_capped(data):
 # ------------------------------------------------------------------------------------------------------ PaDiM
 
 
+def _maps(channels: dict[str, int]) -> dict[str, torch.Tensor]:
+    return {layer: torch.zeros(1, c, 2, 2) for layer, c in channels.items()}
+
+
 def test_padim_channel_subset_defaults_and_seed():
-    assert PaDiM(backbone="resnet18").resolved_n_features() == 100
-    assert PaDiM(backbone="wide_resnet50_2").total_channels() == 1792
-    assert PaDiM(backbone="wide_resnet50_2").resolved_n_features() == 550
+    assert PaDiM(backbone="resnet18").resolved_n_features(448) == 100
+    assert PaDiM(backbone="wide_resnet50_2").resolved_n_features(1792) == 550
     lite = PaDiM(backbone="efficientnet_lite0")
     assert lite.resolved_layers() == ["blocks.1", "blocks.2", "blocks.4"]
-    assert lite.total_channels() == 176 and lite.resolved_n_features() == 100
-    a, b = PaDiM(backbone="resnet18", seed=0)._choose_channels(), PaDiM(backbone="resnet18", seed=1)._choose_channels()
-    assert len(np.unique(a)) == 100 and (np.diff(a) > 0).all() and not np.array_equal(a, b)
+    assert lite.resolved_n_features(176) == 100
+    resnet18 = _maps({"layer1": 64, "layer2": 128, "layer3": 256})  # the channel count comes from the maps
+    a = PaDiM(backbone="resnet18", seed=0)._choose_channels(resnet18)
+    b = PaDiM(backbone="resnet18", seed=1)._choose_channels(resnet18)
+    assert len(np.unique(a)) == 100 and a.max() < 448 and (np.diff(a) > 0).all() and not np.array_equal(a, b)
     with pytest.raises(ValueError, match="n_features"):
-        PaDiM(backbone="resnet18", n_features=1000).resolved_n_features()
+        PaDiM(backbone="resnet18", n_features=1000).resolved_n_features(448)
 
 
 def test_padim_streamed_covariance_matches_numpy(padim, data):
     """Batches of 5 merged in chunks of positions = np.cov over all train embeddings + ε·I, inverted."""
-    emb, _ = padim.embed(padim.extractor_(data["train"]))
+    emb, _ = padim.embed(padim.layer_maps(data["train"]))
     emb = emb.double().numpy()  # [N, P, d]
     for p in (0, 37, emb.shape[1] - 1):
         cov = np.cov(emb[:, p].T) + padim.epsilon * np.eye(emb.shape[2])
@@ -221,7 +227,7 @@ def test_padim_streamed_covariance_matches_numpy(padim, data):
 def test_padim_mahalanobis_matches_scipy(padim, data):
     from scipy.spatial.distance import mahalanobis
 
-    emb, _ = padim.embed(padim.extractor_(data["bad"][:2]))
+    emb, _ = padim.embed(padim.layer_maps(data["bad"][:2]))
     dist = padim.mahalanobis(emb).numpy()
     for b, p in ((0, 0), (1, 100), (1, 255)):
         expected = mahalanobis(emb[b, p].double().numpy(), padim.mean_[p], padim.inv_covariance_[p].astype(np.float64))
@@ -233,12 +239,12 @@ def test_padim_single_train_image_and_grid_mismatch(data):
     scores, _ = model.predict(data["bad"][:1])
     assert np.isfinite(scores).all()
     with pytest.raises(ValueError, match="feature grid"):
-        model.score_features(model.extractor_(_images(1, 3)[:, :, :32, :32]))
+        model.score_features(model.layer_maps(_images(1, 3)[:, :, :32, :32]))
 
 
 def test_fit_features_reuses_layer_maps(padim, spade, data):
     """Fitting from precomputed layer maps (how the report reuses features) equals fitting from images."""
-    ext = spade.extractor_  # blocks.1/2/4/6: a superset of PaDiM's layers
+    ext = spade.layer_maps  # blocks.1/2/4/6: a superset of PaDiM's layers
     batches = [ext(data["train"][i : i + 4]) for i in range(0, 12, 4)]
     reused = PaDiM(**COMMON).fit_features(batches)
     np.testing.assert_allclose(reused.inv_covariance_, padim.inv_covariance_, rtol=1e-4, atol=1e-4)

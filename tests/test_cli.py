@@ -27,7 +27,7 @@ def test_evaluate_writes_the_promised_artifacts(demo_root, tmp_path):
                 "fit_seconds", "predict_seconds_per_image", "peak_rss_mb"]:
         assert metrics[key] is not None, key
     table = pd.read_parquet(tmp_path / "predictions.parquet")
-    assert list(table.columns) == ["path", "label", "defect_type", "score"]
+    assert list(table.columns) == ["image_index", "path", "relpath", "label", "defect_type", "score"]
     assert len(table) == 9 and set(table.label) == {0, 1}
     maps, masks = np.load(tmp_path / "anomaly_maps.npy"), np.load(tmp_path / "gt_masks.npy")
     assert maps.shape == masks.shape == (9, 64, 64)

@@ -1,8 +1,9 @@
 """The Prefect flows for real: test harness, SeaweedFS S3 on loopback, SQLite MLflow, small generated images.
 
 Covers `patchcore/full-benchmark` end to end (nested MLflow runs, registered models, results tables, Prefect
-artifacts, cached reruns), a run killed after extraction that resumes from its shards, `nightly-retrain`
-champion/challenger promotion with `mlflow models serve` answering a scoring request, and `prefect deploy`.
+artifacts, reruns that reuse stage outputs), a run killed after extraction that resumes from its shards,
+`nightly-retrain` champion/challenger promotion with `mlflow models serve` answering a scoring request, and
+`prefect deploy`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.common import to_path
-from tasks.contracts import ModelConfig
+from patchcore_core.config import DetectorParams
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CONFIG = ModelConfig(backbone="efficientnet_lite0", resize=72, image_size=64, coreset_ratio=0.25, batch_size=4,
-                     indices=["flat", "ivfpq"])
+CONFIG = DetectorParams(backbone="efficientnet_lite0", resize=72, image_size=64, coreset_ratio=0.25, batch_size=4)
 STAGES = {"fetch", "extract", "coreset", "index", "score", "metrics"}
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -37,11 +36,11 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def reference_scores(data_root: Path, category: str) -> np.ndarray:
     """PatchCore.fit/predict on the same images and settings, outside any pipeline."""
+    from patchcore_core.baselines import make_detector
     from patchcore_core.data import list_category
-    from patchcore_core.model import PatchCore
 
     listing = list_category(str(data_root), category)
-    model = PatchCore(**CONFIG.patchcore_params(), device="cpu", progress=False)
+    model = make_detector("patchcore", strict=False, **CONFIG.estimator_params(), device="cpu", progress=False)
     model.fit([s.path for s in listing.train])
     return model.predict([s.path for s in listing.test])[0]
 
@@ -75,6 +74,11 @@ def stage_states(flow_run_id) -> dict[str, str]:
     return {r.name: r.state.name for r in runs if r.name.split("-")[0] in STAGES}
 
 
+def file_stamps(*folders: Path) -> dict[Path, tuple[int, int]]:
+    """{file: (inode, mtime)} of every file under the folders: unchanged stamps mean nothing was rewritten."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for f in folders for p in f.rglob("*") if p.is_file()}
+
+
 def artifact_keys(keys: list[str]) -> set[str]:
     """Which of `keys` name a Prefect artifact."""
     from prefect import get_client
@@ -105,11 +109,10 @@ def test_full_benchmark_end_to_end(pipeline_env, s3_dataset):
 
     # The pipeline's scores equal PatchCore.fit/predict on the same images and settings.
     for run in runs:
-        preds = pd.read_parquet(to_path(run.scores.predictions_uri))
-        np.testing.assert_array_equal(preds["score"].to_numpy(),
-                                      reference_scores(to_path(run.fetched.root_uri), run.category))
+        preds = pd.read_parquet(run.scores.predictions)
+        np.testing.assert_array_equal(preds["score"].to_numpy(), reference_scores(run.fetched.root, run.category))
         assert {"image_auroc", "pixel_auroc", "au_pro"} <= set(run.evaluation.metrics)
-        assert (to_path(run.model.model_uris["ivfpq"]) / "index.faiss").is_file()
+        assert (Path(run.model.model_dir) / "index.faiss").is_file()
 
     client = MlflowClient(pipeline_env["tracking_uri"], pipeline_env["tracking_uri"])
     exp = client.get_experiment_by_name("patchcore-benchmark")
@@ -134,12 +137,28 @@ def test_full_benchmark_end_to_end(pipeline_env, s3_dataset):
     keys = ["patchcore-full-benchmark", "patchcore-full-benchmark-table"]
     assert artifact_keys(keys) == set(keys)
 
-    # A rerun with the same inputs and library version skips every finished stage.
+    # A rerun with the same inputs and library version rewrites nothing: every stage returns its stored result.
+    outputs = [Path(work) / "features", Path(work) / "stages" / "brick"]
+    before = file_stamps(*outputs)
     again = patchcore(mode="full-benchmark", data_url=s3_dataset, categories=["brick"], config=CONFIG,
                       work_dir=work, return_state=True)
     assert again.is_completed(), again.message
     states = stage_states(again.state_details.flow_run_id)
-    assert len(states) == 7 and set(states.values()) == {"Cached"}, states
+    assert len(states) == 7 and set(states.values()) == {"Completed"}, states
+    assert file_stamps(*outputs) == before, "a rerun with unchanged inputs rewrote stage outputs"
+
+    # One cache: deleting a stage's output makes the next run recompute that stage (and what reads it), no flags.
+    [brick] = again.result()
+    Path(brick.scores.predictions).unlink()
+    third = patchcore(mode="full-benchmark", data_url=s3_dataset, categories=["brick"], config=CONFIG,
+                      work_dir=work, return_state=True)
+    assert third.is_completed(), third.message
+    [redone] = third.result()
+    assert Path(redone.scores.predictions).is_file()
+    np.testing.assert_array_equal(pd.read_parquet(redone.scores.predictions)["score"].to_numpy(),
+                                  reference_scores(redone.fetched.root, "brick"))
+    changed = {p for p, stamp in file_stamps(*outputs).items() if before.get(p) != stamp}
+    assert changed and all(p.parent.name.startswith("score-") for p in changed), sorted(changed)
 
 
 # ---------------------------------------------------------------------------------------------- kill + resume
@@ -148,15 +167,15 @@ KILL_AFTER_EXTRACTION = """
 import os, signal, sys
 from prefect import task
 import flows.patchcore as pipeline
-from tasks.contracts import ModelConfig
+from patchcore_core.config import DetectorParams
 
 @task(name="coreset")
-def killed_after_extraction(features, config, work_dir):
+def killed_after_extraction(features, params, work_dir):
     os.kill(os.getpid(), signal.SIGKILL)  # as an OOM killer or a lost node would
 
 pipeline.select_coreset = killed_after_extraction
 pipeline.patchcore(mode="full-benchmark", data_url=sys.argv[1], categories=["brick"],
-                   config=ModelConfig.model_validate_json(sys.argv[2]), work_dir=sys.argv[3])
+                   config=DetectorParams.model_validate_json(sys.argv[2]), work_dir=sys.argv[3])
 """
 
 
@@ -181,14 +200,12 @@ def test_killed_after_extraction_resumes_from_shards(pipeline_env, s3_dataset):
                       work_dir=str(work), return_state=True)
     assert state.is_completed(), state.message
     states = stage_states(state.state_details.flow_run_id)
-    assert states["fetch-brick"] == states["extract-brick-train"] == states["extract-brick-test"] == "Cached"
-    assert states["coreset-brick"] == states["score-brick"] == "Completed"
+    assert set(states.values()) == {"Completed"}, states
     after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
     assert after == before, "the rerun rewrote finished shards"
     [run] = state.result()
-    preds = pd.read_parquet(to_path(run.scores.predictions_uri))
-    np.testing.assert_array_equal(preds["score"].to_numpy(),
-                                  reference_scores(to_path(run.fetched.root_uri), "brick"))
+    preds = pd.read_parquet(run.scores.predictions)
+    np.testing.assert_array_equal(preds["score"].to_numpy(), reference_scores(run.fetched.root, "brick"))
 
 
 # ---------------------------------------------------------------------------------------------- nightly retrain

@@ -139,3 +139,84 @@ def test_torch_and_faiss_threads_do_not_deadlock():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert "ok 2" in out.stdout
+
+
+# ------------------------------------------------------------------------------------ estimator contract
+
+
+def test_scikit_learn_contract_clone_get_set_params():
+    from sklearn.base import clone
+
+    from patchcore_core.baselines import SPADE, PaDiM
+
+    for model in (PatchCore(backbone="efficientnet_lite0", coreset_ratio=0.2), SPADE(k_images=7), PaDiM()):
+        assert set(model.get_params(deep=True)) == set(type(model)._get_param_names())
+        twin = clone(model)
+        assert twin is not model and twin.get_params(deep=False) == model.get_params(deep=False)
+        assert twin.set_params(seed=5) is twin and twin.seed == 5 and model.seed == 0
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        PatchCore().set_params(no_such_setting=1)
+
+
+def test_settings_are_validated_in_fit_not_in_the_constructor():
+    from patchcore_core.errors import ConfigError
+
+    model = PatchCore(backbone="efficientnet_lite0", coreset_ratio=1.5)  # storing a bad value is allowed
+    assert model.coreset_ratio == 1.5
+    with pytest.raises(ConfigError, match=r"setting coreset_ratio: .*less than or equal to 1 \(got 1.5\)"):
+        model.fit(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="setting patch_size: must be odd"):
+        PatchCore(patch_size=4).fit_features(np.zeros((4, 8), np.float32), (2, 2))
+
+
+def test_estimator_defaults_come_from_the_one_schema():
+    """Every constructor argument that is a setting has the schema's default (no second copy to drift)."""
+    import inspect
+
+    from patchcore_core.baselines import SPADE, PaDiM
+    from patchcore_core.config import DEFAULTS, DetectorParams
+
+    for cls in (PatchCore, SPADE, PaDiM):
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in DetectorParams.model_fields:
+                assert param.default == getattr(DEFAULTS, name), f"{cls.__name__}.{name}"
+    baseline_only = {"method", "k_images", "n_features"}
+    missing = set(DetectorParams.model_fields) - baseline_only - set(PatchCore._get_param_names())
+    assert not missing, f"PatchCore lacks schema settings {missing}"
+
+
+class _EveryOther:
+    """A user-supplied sampler: keeps every other patch (any object with `select` works)."""
+
+    def select(self, features):
+        return np.arange(0, len(features), 2)
+
+
+class _RecordingIndex:
+    """A user-supplied nearest-neighbour method wrapping the faiss one; records how it is used."""
+
+    def __init__(self):
+        from patchcore_core.index import NearestNeighbourIndex
+
+        self.inner = NearestNeighbourIndex("flat")
+        self.fitted_rows = None
+
+    def fit(self, bank):
+        self.fitted_rows = len(bank)
+        self.inner.fit(bank)
+        return self
+
+    def search(self, queries, k=1):
+        return self.inner.search(queries, k)
+
+
+def test_sampler_and_index_are_injectable():
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((40, 8)).astype(np.float32)
+    injected = _RecordingIndex()
+    model = PatchCore(sampler=_EveryOther(), nn_index=injected, device="cpu", progress=False)
+    model.fit_features(bank, (4, 10))
+    np.testing.assert_array_equal(model.memory_bank_, bank[::2])
+    assert model.index_.fitted_rows == 20 and injected.fitted_rows is None  # the argument itself is untouched
+    scores, grids = model.score_features(bank[None, :40])
+    assert grids.shape == (1, 4, 10) and np.allclose(grids.reshape(-1)[::2], 0.0)

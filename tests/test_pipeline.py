@@ -12,8 +12,8 @@ import pytest
 
 from patchcore_core import shards
 from patchcore_core.errors import DataError
-from patchcore_core.fetch import fetch_category, read_manifest, source_slug, verify_cache
 from patchcore_core.overlays import plot_overlays, select_cases
+from patchcore_core.stages.fetch import fetch_category, read_manifest, source_slug, verify_cache
 
 os.environ.setdefault("PATCHCORE_THREADS", "1")
 
@@ -128,56 +128,80 @@ def test_fetch_local_path_and_layout_validation(pipeline_dataset, tmp_path):
 
 def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
     """extract → coreset → index → score over Parquet shards gives exactly PatchCore.fit/predict."""
+    from patchcore_core.config import DetectorParams
     from patchcore_core.data import list_category
     from patchcore_core.model import PatchCore
-    from patchcore_core.stages import build_indices, evaluate_scores, extract_features, score_split, select_coreset
+    from patchcore_core.runtime import Runtime
+    from patchcore_core.stages import coreset, extract, fetch, index, metrics, score
 
-    cache = tmp_path / "cache"
-    fetched = fetch_category(str(pipeline_dataset), "brick", cache)
-    params = dict(PatchCore(**SMALL).get_params())
-    for key in ("device", "num_threads", "progress"):
-        params.pop(key)
-    feats = extract_features(fetched.root, "brick", fetched.manifest, params, tmp_path / "features",
-                             images_per_shard=3, images_per_row_group=2, device="cpu")
-    train, test = feats["train"], feats["test"]
+    work = tmp_path / "work"
+    fetched = fetch.run(str(pipeline_dataset), "brick", work)
+    params = DetectorParams(**{k: v for k, v in SMALL.items()})
+    cpu = Runtime(device="cpu")
+    train = extract.run(fetched, params, "train", work, cpu, images_per_shard=3, images_per_row_group=2)
+    test = extract.run(fetched, params, "test", work, cpu, images_per_shard=3, images_per_row_group=2)
     assert len(train.shards) == 3 and train.n_written == 3  # 8 images in shards of 3
-    coreset = select_coreset(train, params, tmp_path / "stages", device="cpu")
-    assert coreset.n_train_patches == 8 * 64 and coreset.n_selected == int(8 * 64 * 0.25)
-    index = build_indices(coreset, params, ["flat", "ivfpq"], tmp_path / "stages", "brick", device="cpu")
-    assert set(index.models) == {"flat", "ivfpq"} and index.primary == "flat"
-    scored = score_split(index.model_dir, test, fetched.root, tmp_path / "stages", device="cpu")
+    selected = coreset.run(train, params, work, cpu)
+    assert selected.n_train_patches == 8 * 64 and selected.n_selected == int(8 * 64 * 0.25)
+    model = index.run(selected, params, work, cpu)
+    scored = score.run(model, test, fetched, work, cpu)
 
     listing = list_category(fetched.root, "brick")
     reference = PatchCore(**SMALL, device="cpu", progress=False).fit([s.path for s in listing.train])
     ref_scores, ref_maps = reference.predict([s.path for s in listing.test])
     import pandas as pd
 
-    np.testing.assert_array_equal(reference.memory_bank_, PatchCore.load(index.model_dir).memory_bank_)
-    np.testing.assert_array_equal(pd.read_parquet(scored.predictions)["score"].to_numpy(), ref_scores)
+    np.testing.assert_array_equal(reference.memory_bank_, PatchCore.load(model.model_dir).memory_bank_)
+    preds = pd.read_parquet(scored.predictions)
+    assert list(preds.columns) == list(score.PREDICTION_COLUMNS)
+    np.testing.assert_array_equal(preds["score"].to_numpy(), ref_scores)
     np.testing.assert_array_equal(np.load(scored.maps), ref_maps)
 
-    metrics = evaluate_scores(scored, fetched.root, "brick", tmp_path / "stages", image_size=64, resize=72)
-    assert set(metrics.figures) == {"roc_pr", "pro_curve", "overlays_worst", "overlays_best"}
-    saved = json.loads(open(metrics.metrics_path).read())
+    evaluated = metrics.run(scored, fetched, model, work)
+    assert set(evaluated.figures) == {"roc_pr", "pro_curve", "overlays_worst", "overlays_best"}
+    saved = json.loads(open(evaluated.metrics_path).read())
     assert {"image_auroc", "pixel_auroc", "au_pro", "f1_threshold"} <= set(saved)
 
+    # Every result is JSON: what a task returns and the next one takes.
+    assert type(scored).model_validate_json(scored.model_dump_json()) == scored
+
     # A second call reuses every stage's output instead of recomputing it.
-    again = extract_features(fetched.root, "brick", fetched.manifest, params, tmp_path / "features",
-                             images_per_shard=3, images_per_row_group=2, device="cpu")
-    assert again["train"].n_reused == 3 and again["train"].n_written == 0
-    assert select_coreset(train, params, tmp_path / "stages").seconds == coreset.seconds
+    again = extract.run(fetched, params, "train", work, cpu, images_per_shard=3, images_per_row_group=2)
+    assert again.n_reused == 3 and again.n_written == 0
+    assert coreset.run(train, params, work).seconds == selected.seconds
     # A run killed in the middle of extraction: one shard and the marker missing. Only that shard is redone.
     before = shards.read_embeddings(train.shards)
     Path(train.shards[1]).unlink()
     (Path(train.shards[1]).parent / "_SUCCESS.json").unlink()
-    resumed = extract_features(fetched.root, "brick", fetched.manifest, params, tmp_path / "features",
-                               splits=["train"], images_per_shard=3, images_per_row_group=2, device="cpu")
-    assert resumed["train"].n_reused == 2 and resumed["train"].n_written == 1
-    np.testing.assert_array_equal(shards.read_embeddings(resumed["train"].shards), before)
-    # An output deleted by hand is recomputed, not trusted from the stage's marker.
-    Path(coreset.path).unlink()
-    redone = select_coreset(resumed["train"], params, tmp_path / "stages", device="cpu")
-    assert Path(redone.path).is_file() and redone.n_selected == coreset.n_selected
+    resumed = extract.run(fetched, params, "train", work, cpu, images_per_shard=3, images_per_row_group=2)
+    assert resumed.n_reused == 2 and resumed.n_written == 1
+    np.testing.assert_array_equal(shards.read_embeddings(resumed.shards), before)
+    # An output deleted by hand is recomputed, not trusted from the stage's marker, and nothing else is.
+    Path(selected.path).unlink()
+    redone = coreset.run(resumed, params, work, cpu)
+    assert Path(redone.path).is_file() and redone.n_selected == selected.n_selected
+
+
+def test_stage_fingerprints_follow_their_settings_group(pipeline_dataset, tmp_path):
+    """A feature setting changes the shards; a model setting reuses shards and coreset but makes a new model."""
+    from patchcore_core.config import DetectorParams
+    from patchcore_core.stages import coreset, extract, fetch, index
+
+    work = tmp_path / "work"
+    fetched = fetch.run(str(pipeline_dataset), "gravel", work)
+    base = DetectorParams(**SMALL)
+    train = extract.run(fetched, base, "train", work)
+    selected = coreset.run(train, base, work)
+    model = index.run(selected, base, work)
+
+    knn = base.model_copy(update={"num_neighbors": 3})
+    assert extract.run(fetched, knn, "train", work).n_written == 0
+    assert coreset.run(extract.run(fetched, knn, "train", work), knn, work).fingerprint == selected.fingerprint
+    assert index.run(selected, knn, work).fingerprint != model.fingerprint
+
+    patch = base.model_copy(update={"patch_size": 1})
+    moved = extract.run(fetched, patch, "train", work)
+    assert moved.fingerprint != train.fingerprint and moved.n_written == len(moved.shards)
 
 
 # ------------------------------------------------------------------------------------------------ coreset
@@ -185,8 +209,8 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
 
 @pytest.mark.parametrize("dim", [24, 200])  # below and above projection_dim
 def test_coreset_over_shards_equals_sampler_on_full_bank(tmp_path, dim):
-    from patchcore_core.coreset_shards import gather_rows, select_from_shards
     from patchcore_core.sampler import make_sampler
+    from patchcore_core.stages.coreset import gather_rows, select_from_shards
 
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((9, 16, dim)).astype(np.float32)
@@ -231,12 +255,12 @@ def test_retry_only_on_transient_io_errors():
 
 
 def test_promotion_rule():
-    from tasks.contracts import EvaluationResult
+    from patchcore_core.stages.metrics import MetricsResult
     from tasks.registry import decide
 
     def ev(value):
-        return EvaluationResult(category="c", metrics={"image_auroc": value}, metrics_uri="file:///m",
-                                figure_uris={})
+        return MetricsResult(directory="/m", category="c", metrics={"image_auroc": value}, metrics_path="/m/x.json",
+                             figures={}, fingerprint="f")
 
     first = decide("m", ev(0.9), "1", None, None)
     assert first.promote and first.reason == "no current champion"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from patchcore_core.report import (
+from experiments.paper_report import (
     EXPERIMENTS,
     PAPER,
+    PAPER_CATEGORIES,
     ReportConfig,
     build_markdown,
     build_tables,
@@ -16,6 +20,10 @@ from patchcore_core.report import (
     rebuild_report,
     run_paper_report,
 )
+from patchcore_core.config import DEFAULTS
+from patchcore_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 META = {"date": "today", "data": "/data", "device": "CPU test, 1 threads", "faiss": "x", "wall_seconds": 12.0}
 
@@ -37,7 +45,42 @@ def test_config_validation():
         ReportConfig(experiments=("main", "nope"))
     with pytest.raises(TypeError, match="unknown report setting"):
         run_paper_report("/nonexistent", ["x"], "/tmp", coreset_ratio=0.1)
+    with pytest.raises(TypeError, match="unknown report setting"):
+        run_paper_report("/nonexistent", ["x"], "/tmp", nope=1)
     assert ratio_label(0.25) == "PatchCore-25%" and ratio_label(0.01) == "PatchCore-1%"
+
+
+def test_config_reads_detector_settings_from_one_validated_schema():
+    cfg = ReportConfig()
+    assert cfg.base == {"backbone": "efficientnet_lite0"}
+    assert cfg.params == DEFAULTS.model_copy(update={"backbone": "efficientnet_lite0"})
+    assert cfg.layer_names == ("blocks.2", "blocks.4") and cfg.levels == (2, 3)
+    assert cfg.resize_for(224) == 256 and cfg.resize_for(280) == 320
+    # grid settings by name, detector settings by name into `base` (legacy names too), validated there
+    cfg = cfg.updated(image_size=48, resize=56, spade_k=3, padim_features=20, batch_size=4,
+                      coreset_ratios=[0.5, 0.1], layer_sets=[[2, 3]])
+    assert cfg.coreset_ratios == (0.5, 0.1) and cfg.layer_sets == ((2, 3),)
+    assert cfg.base == {"backbone": "efficientnet_lite0", "image_size": 48, "resize": 56, "k_images": 3,
+                        "n_features": 20, "batch_size": 4}
+    p = cfg.params
+    assert (p.image_size, p.resize, p.k_images, p.n_features, p.batch_size) == (48, 56, 3, 20, 4)
+    assert cfg.resize_for(64) == 75
+    assert cfg.updated(base={"seed": 3}).params.seed == 3 and cfg.updated(seed=4).base["image_size"] == 48
+    with pytest.raises(ConfigError, match="patch_size"):
+        ReportConfig(base={"patch_size": 4})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ReportConfig(base={"spade_k": 3})
+    with pytest.raises(ValueError, match="set by the report grid"):
+        ReportConfig(base={"coreset_ratio": 0.5})
+    with pytest.raises(ValueError, match="not hierarchy levels"):
+        ReportConfig(base={"backbone": "efficientnet_lite0", "layers": ["blocks.3"]})
+    # the JSON layout round-trips; the older flat layout (detector settings beside the grid's) is read too
+    assert ReportConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    legacy = ReportConfig.from_dict({"backbone": "resnet18", "spade_k": 7, "layers": [1, 2], "resize": None,
+                                     "coreset_ratios": [0.2], "reweight_neighbors": 5, "gone": 1})
+    assert legacy.params.layers == ["layer1", "layer2"] and legacy.levels == (1, 2)
+    assert (legacy.params.k_images, legacy.params.resize, legacy.reweight_neighbors) == (7, None, 5)
+    assert legacy.coreset_ratios == (0.2,) and legacy.resize_for(280) is None
 
 
 def _row(cat, method, image, pixel=0.9, pro=0.8, experiment="main", setting="s", **extra):
@@ -49,7 +92,11 @@ def test_markdown_prints_paper_numbers_beside_ours_and_checks_acceptance(tmp_pat
     cfg = ReportConfig(coreset_ratios=(0.1,))
     rows = [_row("bottle", "SPADE", 0.95), _row("bottle", "PaDiM", 0.99), _row("bottle", "PatchCore-10%", 1.0),
             _row("cable", "SPADE", 0.90), _row("cable", "PaDiM", 0.97), _row("cable", "PatchCore-10%", 0.96)]
-    text, acceptance = build_markdown(rows, cfg, META, [tmp_path / "f" / "bottle_roc_pr.png"], tmp_path)
+    meta = {**META, "categories": {"bottle": {"train": 209, "test": 83, "test_good": 20},
+                                   "cable": {"train": 224, "test": 150, "test_good": 58}}}
+    text, acceptance = build_markdown(rows, cfg, meta, [tmp_path / "f" / "bottle_roc_pr.png"], tmp_path)
+    assert ("| categories | bottle (209 train, 83 test: 20 good, 63 defective), "
+            "cable (224 train, 150 test: 58 good, 92 defective) |") in text
     assert "| bottle | 95.00 / – | 99.00 / – | 100.00 / 100 |" in text
     assert "98.4" not in text.split("## 2a")[0]  # pixel numbers stay in their own table
     assert "| bottle | 90.00 / 98.4 | 90.00 / 98.3 | 90.00 / 98.6 |" in text
@@ -63,13 +110,39 @@ def test_markdown_prints_paper_numbers_beside_ours_and_checks_acceptance(tmp_pat
 
 
 def test_paper_mean_printed_only_for_all_fifteen_categories(tmp_path):
-    from patchcore_core.report import PAPER_CATEGORIES
-
     cfg = ReportConfig(coreset_ratios=(0.1,))
     rows = [_row(c, m, 0.9) for c in PAPER_CATEGORIES for m in ("SPADE", "PaDiM", "PatchCore-10%")]
     text, acceptance = build_markdown(rows, cfg, META, [], tmp_path)
     assert "| **mean** | 90.00 / 85.5 | 90.00 / 95.3 | 90.00 / 99 |" in text
     assert "15 (paper 47)" in text and len(acceptance) == 15
+
+
+def test_header_names_the_categories_run_not_bottle(tmp_path):
+    rows = [_row("cable", m, 0.9) for m in ("SPADE", "PaDiM", "PatchCore-10%")]
+    meta = {**META, "categories": {"cable": {"train": 224, "test": 150, "test_good": 58}}}
+    text, _ = build_markdown(rows, ReportConfig(coreset_ratios=(0.1,)), meta, [], tmp_path)
+    header = text.split("## 1.")[0]
+    assert "| categories | cable (224 train, 150 test: 58 good, 92 defective) |" in header
+    assert "bottle" not in header and "209" not in header
+    assert "`experiments.paper_report.run_paper_report`" in header
+    # without recorded counts (results JSON of older runs) the names alone
+    text, _ = build_markdown(rows, ReportConfig(coreset_ratios=(0.1,)), META, [], tmp_path)
+    assert "| categories | cable |" in text
+
+
+def test_rebuild_of_the_committed_results_matches_the_committed_report():
+    """bench/results/paper_report.json (older flat config layout) renders the committed report; only the
+    "Generated by" header line names the new module."""
+    results = REPO / "bench" / "results" / "paper_report.json"
+    saved = json.loads(results.read_text())
+    cfg = ReportConfig.from_dict(saved["config"])
+    assert cfg.params.backbone == "efficientnet_lite0" and cfg.levels == (2, 3) and cfg.params.k_images == 50
+    text, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], [Path(p) for p in saved["figures"]],
+                                      results.parent)
+    committed = (REPO / "bench" / "results" / "paper_report.md").read_text()
+    differ = [(a, b) for a, b in zip(text.splitlines(), committed.splitlines(), strict=True) if a != b]
+    assert len(differ) == 1 and all(a.startswith("Generated by") and b.startswith("Generated by") for a, b in differ)
+    assert acceptance == {"bottle": True}
 
 
 def test_md_table():
@@ -99,7 +172,9 @@ def test_tiny_run_writes_report_tables_and_figures(tiny_report, tmp_path):
                     "## 5. Inference time", "### 6.1", "### 6.2", "### 6.3", "### 6.4", "### 6.5", "### 6.6",
                     "## Figures"):
         assert heading in text, heading
-    assert "PatchCore-50%" in text and "brick" in text and "CPU" in res.device
+    assert "PatchCore-50%" in text and "CPU" in res.device
+    assert "| categories | brick (8 train, 8 test: 3 good, 5 defective) |" in text
+    assert "| image size | resize 56, centre crop 48 |" in text and "K = 3 images" in text
     assert set(res.acceptance) == {"brick"}
     experiments = {r["experiment"] for r in res.rows}
     assert experiments == set(EXPERIMENTS)
@@ -120,8 +195,13 @@ def test_tiny_run_writes_report_tables_and_figures(tiny_report, tmp_path):
         assert path.suffix == ".png" and 1000 < path.stat().st_size < 200_000
     written = res.write_tables(tmp_path / "tables")
     assert {p.stem for p in written} >= {"image_auroc", "pixel_auroc", "au_pro", "timing", "lowshot"}
+    saved = json.loads(res.report_path.with_suffix(".json").read_text())
+    assert saved["config"]["base"] == {"backbone": "efficientnet_lite0", "image_size": 48, "resize": 56,
+                                       "k_images": 3, "batch_size": 4}
+    assert saved["config"]["detector"]["k_images"] == 3 and saved["config"]["coreset_ratios"] == [0.5, 0.1]
     rebuilt = rebuild_report(res.report_path.with_suffix(".json"), tmp_path / "again.md")
     assert rebuilt.acceptance == res.acceptance
+    assert rebuilt.markdown.split("## 1.")[0] == res.markdown.split("## 1.")[0]
     def body(text: str) -> str:
         return text.split("## 1.")[1].split("## Figures")[0]
 

@@ -8,7 +8,6 @@ All three share the contract: `fit(images)`, `predict(images) -> (scores [N], ma
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -38,8 +37,7 @@ def detector_class(method: str) -> type:
 
 def detector_params(method: str) -> list[str]:
     """Names of the constructor parameters a method accepts."""
-    sig = inspect.signature(detector_class(method).__init__)
-    return [name for name in sig.parameters if name != "self"]
+    return list(detector_class(method)._get_param_names())
 
 
 def make_detector(method: str, strict: bool = True, **params: Any):
@@ -58,9 +56,9 @@ def make_detector(method: str, strict: bool = True, **params: Any):
 
 def load_detector(directory: str | os.PathLike, device: str | None = None, **kwargs: Any):
     """Load any saved model (PatchCore, SPADE or PaDiM) by the "model" field of its config.json."""
-    from patchcore_core.baselines._common import read_config
+    from patchcore_core.estimator import read_model_config
 
-    name = read_config(directory).get("model")
+    name = read_model_config(directory, expected_model=None).get("model")
     if name not in _MODEL_NAMES:
         raise IncompatibleModelError(f"{directory} holds an unknown model type {name!r}; known: {sorted(_MODEL_NAMES)}")
     return detector_class(_MODEL_NAMES[name]).load(directory, device=device, **kwargs)

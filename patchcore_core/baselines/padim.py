@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchcore_core.backbones import get_spec
 from patchcore_core.baselines._common import LayerMapDetector, LayerMaps, hierarchy_layers
+from patchcore_core.config import DEFAULTS as D
 from patchcore_core.scoring import anomaly_maps
 
 # Channels kept per backbone. ResNet-18 (100 of 448) and WRN-50 (550 of 1792) are the PaDiM paper's.
@@ -55,20 +55,21 @@ class PaDiM(LayerMapDetector):
     """
 
     MODEL_NAME = "PaDiM"
+    FITTED_ATTR = "inv_covariance_"
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = D.backbone,
         layers: Sequence[str] | None = None,
-        n_features: int | None = None,
-        weights: str | None = None,
+        n_features: int | None = D.n_features,
+        weights: str | None = D.weights,
         epsilon: float = 0.01,
-        resize: int | None = 256,
-        image_size: int = 224,
+        resize: int | None = D.resize,
+        image_size: int = D.image_size,
         sigma: float = 4.0,
         device: str = "auto",
-        seed: int = 0,
-        batch_size: int = 16,
+        seed: int = D.seed,
+        batch_size: int = D.batch_size,
         position_chunk: int = 256,
         num_threads: int | None = None,
         progress: bool = True,
@@ -96,20 +97,18 @@ class PaDiM(LayerMapDetector):
     def extractor_layers(self) -> list[str]:
         return self.resolved_layers()
 
-    def total_channels(self) -> int:
-        spec = get_spec(self.backbone)
-        return sum(spec.channels[layer] for layer in self.resolved_layers())
-
-    def resolved_n_features(self) -> int:
-        total = self.total_channels()
+    def resolved_n_features(self, total: int) -> int:
+        """Channels kept out of the `total` of the layers (default per backbone)."""
         wanted = self.n_features or DEFAULT_N_FEATURES.get(self.backbone, min(total, 100))
         if not 1 <= wanted <= total:
             raise ValueError(f"n_features must be in [1, {total}] for layers {self.resolved_layers()}, got {wanted}")
         return int(wanted)
 
-    def _choose_channels(self) -> np.ndarray:
+    def _choose_channels(self, maps: LayerMaps) -> np.ndarray:
+        """A seeded random subset of the layers' channels (counted on the first batch of maps)."""
+        total = sum(int(maps[layer].shape[1]) for layer in self.resolved_layers())
         rng = np.random.default_rng(self.seed)
-        return np.sort(rng.choice(self.total_channels(), self.resolved_n_features(), replace=False)).astype(np.int64)
+        return np.sort(rng.choice(total, self.resolved_n_features(total), replace=False)).astype(np.int64)
 
     # ------------------------------------------------------------------ embedding
     def embed(self, maps: LayerMaps) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -117,7 +116,7 @@ class PaDiM(LayerMapDetector):
 
         Channels are selected per layer before the (nearest) upsampling, so no full-width map is built.
         """
-        device = self._compute_device()
+        device = self._runtime()
         layers = self.resolved_layers()
         grid = tuple(maps[layers[0]].shape[-2:])
         parts, offset = [], 0
@@ -138,10 +137,12 @@ class PaDiM(LayerMapDetector):
     # ------------------------------------------------------------------ fit
     def fit_features(self, batches: Iterable[LayerMaps]) -> PaDiM:
         """Fit from backbone layer maps, one dict {layer: Tensor[B, C, h, w]} per batch (streamed)."""
-        self.channel_idx_ = self._choose_channels()
-        device = self._compute_device()
+        self._prepare()
+        device = self._runtime()
         count, mean, m2, grid = 0, None, None, None
         for maps in batches:
+            if m2 is None:
+                self.channel_idx_ = self._choose_channels(maps)
             emb, grid = self.embed(maps)
             if m2 is None:
                 p, d = emb.shape[1], emb.shape[2]
@@ -180,17 +181,13 @@ class PaDiM(LayerMapDetector):
         return out
 
     # ------------------------------------------------------------------ predict
-    def _check_fitted(self) -> None:
-        if getattr(self, "inv_covariance_", None) is None:
-            raise RuntimeError("this PaDiM instance is not fitted yet: call fit() or PaDiM.load()")
-
     def _state_chunk(self, e: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean [p, d] and inverse covariance [p, d, d] of positions `e` as tensors on the compute device.
 
         On CPU these are zero-copy views of the arrays (a memory-mapped state is read chunk by chunk); on a
         GPU the whole state is copied there once and kept.
         """
-        device = self._compute_device()
+        device = self._runtime()
         if device.type == "cpu":
             mean, inv = self.mean_[e], self.inv_covariance_[e]
             if not inv.flags.writeable:  # memory-mapped read-only: copy this chunk only
@@ -215,7 +212,7 @@ class PaDiM(LayerMapDetector):
 
     def score_features(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [B] (max of the map) and anomaly maps [B, S, S] for one batch of layer maps."""
-        self._check_fitted()
+        self.check_fitted()
         emb, grid = self.embed(maps)
         if grid != tuple(self.feature_grid_):
             raise ValueError(f"feature grid {grid} differs from the fitted {tuple(self.feature_grid_)}: "
@@ -227,14 +224,15 @@ class PaDiM(LayerMapDetector):
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
         """config.json + mean.npy + inv_covariance.npy + channel_idx.npy (no pickle)."""
-        self._check_fitted()
+        self.check_fitted()
         arrays = {"mean": self.mean_, "inv_covariance": self.inv_covariance_, "channel_idx": self.channel_idx_}
-        return self._write(directory, arrays, {"n_train": self.n_train_, "feature_grid": list(self.feature_grid_)})
+        state = {"n_train": self.n_train_, "feature_grid": list(self.feature_grid_)}
+        return self._write_model(directory, arrays, state)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | None = None, mmap: bool = False) -> PaDiM:
         """Read a model written by `save`; `mmap=True` memory-maps the inverse covariances."""
-        model, state, arrays = cls._read(directory, device, mmap=mmap)
+        model, state, arrays = cls._read_model(directory, device, mmap=mmap)
         model.mean_ = np.array(arrays["mean"], dtype=np.float32)
         model.inv_covariance_ = arrays["inv_covariance"]
         model.channel_idx_ = np.asarray(arrays["channel_idx"], dtype=np.int64)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore_core.baselines._common import LayerMapDetector, LayerMaps, hierarchy_layers, min_sq_distances
+from patchcore_core.config import DEFAULTS as D
 from patchcore_core.index import NearestNeighbourIndex
 from patchcore_core.scoring import anomaly_maps
 
@@ -36,20 +37,21 @@ class SPADE(LayerMapDetector):
     """
 
     MODEL_NAME = "SPADE"
+    FITTED_ATTR = "index_"
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = D.backbone,
         layers: Sequence[str] | None = None,
         global_layer: str | None = None,
-        weights: str | None = None,
-        k_images: int = 50,
-        resize: int | None = 256,
-        image_size: int = 224,
+        weights: str | None = D.weights,
+        k_images: int = D.k_images,
+        resize: int | None = D.resize,
+        image_size: int = D.image_size,
         sigma: float = 4.0,
         device: str = "auto",
-        seed: int = 0,
-        batch_size: int = 16,
+        seed: int = D.seed,
+        batch_size: int = D.batch_size,
         num_threads: int | None = None,
         progress: bool = True,
     ) -> None:
@@ -81,8 +83,7 @@ class SPADE(LayerMapDetector):
     # ------------------------------------------------------------------ fit
     def fit_features(self, batches: Iterable[LayerMaps]) -> SPADE:
         """Fit from backbone layer maps, one dict {layer: Tensor[B, C, h, w]} per batch."""
-        if self.k_images < 1:
-            raise ValueError(f"k_images must be >= 1, got {self.k_images}")
+        self._prepare()
         layers, global_layer = self.resolved_layers()
         embeddings: list[np.ndarray] = []
         gallery: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
@@ -99,17 +100,13 @@ class SPADE(LayerMapDetector):
         return self
 
     def _build_index(self) -> None:
-        device = self._compute_device()
+        device = self._runtime()
         self.index_ = NearestNeighbourIndex("flat", device=str(device), seed=self.seed).fit(self.train_embeddings_)
 
     # ------------------------------------------------------------------ predict
-    def _check_fitted(self) -> None:
-        if getattr(self, "index_", None) is None:
-            raise RuntimeError("this SPADE instance is not fitted yet: call fit() or SPADE.load()")
-
     def nearest_train_images(self, maps: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
         """Image-level kNN: (L2 distances [B, K], train image ids [B, K]) by the pooled global feature."""
-        self._check_fitted()
+        self.check_fitted()
         _, global_layer = self.resolved_layers()
         sq, ids = self.index_.search(_global_pool(maps[global_layer]), min(self.k_images, self.n_train_))
         return np.sqrt(np.maximum(sq, 0.0)), ids
@@ -119,7 +116,7 @@ class SPADE(LayerMapDetector):
         dists, ids = self.nearest_train_images(maps)
         scores = dists.mean(axis=1).astype(np.float32)
         layers, _ = self.resolved_layers()
-        device = self._compute_device()
+        device = self._runtime()
         size = (self.image_size, self.image_size)
         tests = [maps[layer].float().to(device) for layer in layers]  # [B, C, h, w] each
 
@@ -146,15 +143,15 @@ class SPADE(LayerMapDetector):
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
         """config.json + train_embeddings.npy + one gallery__<layer>.npy per pyramid layer (no pickle)."""
-        self._check_fitted()
+        self.check_fitted()
         arrays = {"train_embeddings": self.train_embeddings_}
         arrays.update({f"gallery__{layer}": g for layer, g in self.gallery_.items()})
-        return self._write(directory, arrays, {"n_train": self.n_train_, "layers": list(self.gallery_)})
+        return self._write_model(directory, arrays, {"n_train": self.n_train_, "layers": list(self.gallery_)})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | None = None, mmap: bool = False) -> SPADE:
         """Read a model written by `save`; `mmap=True` memory-maps the galleries instead of reading them."""
-        model, state, arrays = cls._read(directory, device, mmap=mmap)
+        model, state, arrays = cls._read_model(directory, device, mmap=mmap)
         model.train_embeddings_ = np.ascontiguousarray(arrays["train_embeddings"])
         model.gallery_ = {layer: arrays[f"gallery__{layer}"] for layer in state["layers"]}
         model.n_train_ = int(state["n_train"])

@@ -1,4 +1,4 @@
-"""Coreset selection over Parquet feature shards without holding the full-dimension bank in memory.
+"""Stage 3, coreset: the memory bank selected from the train shards, without holding the full-dimension bank.
 
 Greedy coreset (PatchCore §3.2) only needs the Johnson-Lindenstrauss projection of every patch feature:
 pass 1 streams the shards one row group at a time and projects each group with `sampler.jl_projection`
@@ -13,16 +13,81 @@ runs, whatever its inner loop.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
 
 from patchcore_core import sampler as sampler_lib
 from patchcore_core import shards as shard_io
+from patchcore_core.artifacts import StageDir, atomic_write, fingerprint
+from patchcore_core.config import DetectorParams
+from patchcore_core.runtime import DEFAULT_RUNTIME, Runtime
+from patchcore_core.stages.extract import SplitFeatures
 
-__all__ = ["project_shards", "gather_rows", "select_from_shards"]
+__all__ = ["CoresetResult", "run", "read_coreset", "project_shards", "gather_rows", "select_from_shards"]
+
+CORESET_FILE = "coreset.parquet"
+
+
+class CoresetResult(BaseModel):
+    """The selected memory bank: `path` is coreset.parquet (global_index, image_index, patch_index, embedding)."""
+
+    directory: str
+    category: str
+    path: str
+    n_train_patches: int
+    n_selected: int
+    dim: int
+    grid: list[int]
+    fingerprint: str
+    seconds: float = 0.0
+
+
+def run(train: SplitFeatures, params: DetectorParams, work_dir: str | os.PathLike,
+        runtime: Runtime = DEFAULT_RUNTIME) -> CoresetResult:
+    """Select the coreset of the train shards (the `coreset` settings) and write it as coreset.parquet."""
+    config = params.stage_params("coreset")
+    out = StageDir.of(Path(work_dir) / "stages", train.category, "coreset",
+                      fingerprint("coreset", config, train.fingerprint))
+    if (done := out.finished()) is not None:
+        return CoresetResult(**done)
+    start = time.perf_counter()
+    selected, bank, meta = select_from_shards(train.shards, config, device=runtime.device,
+                                              num_threads=runtime.num_threads)
+    n_total, per_image = shard_io.count_rows(train.shards), train.patches_per_image
+    table = pa.table(
+        {
+            "global_index": pa.array(selected, pa.int64()),
+            "image_index": pa.array((selected // per_image).astype(np.int32)),
+            "patch_index": pa.array((selected % per_image).astype(np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(bank.reshape(-1), pa.float32()), bank.shape[1]),
+        },
+        metadata={b"patchcore.coreset": json.dumps({**config, **meta, "fingerprint": out.fingerprint}).encode()},
+    )
+    with atomic_write(out / CORESET_FILE) as tmp:
+        pq.write_table(table, tmp, compression={"global_index": "zstd", "image_index": "zstd",
+                                                "patch_index": "zstd", "embedding": "none"})
+    result = CoresetResult(directory=str(out.path), category=train.category, path=str(out / CORESET_FILE),
+                           n_train_patches=int(n_total), n_selected=int(len(selected)), dim=int(bank.shape[1]),
+                           grid=list(train.grid), fingerprint=out.fingerprint,
+                           seconds=round(time.perf_counter() - start, 3))
+    out.finish(result.model_dump(), outputs=[result.path])
+    runtime.say(f"{train.category}: coreset of {len(selected)} / {n_total} patches ({config['coreset_method']})")
+    return result
+
+
+def read_coreset(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(global indices [k], memory bank [k, D]) of a coreset.parquet."""
+    table = pq.read_table(path, columns=["global_index", "embedding"])
+    return table.column("global_index").to_numpy(), shard_io.embeddings_view(table.column("embedding")).copy()
 
 
 def project_shards(paths: Sequence[str | os.PathLike], project) -> np.ndarray:

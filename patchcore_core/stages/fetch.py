@@ -1,4 +1,5 @@
-"""Copy one category of an MVTec-layout dataset from any fsspec URL into a local cache, with a checksum manifest.
+"""Stage 1, fetch: copy one category of an MVTec-layout dataset from any fsspec URL into a local cache, with a
+checksum manifest.
 
 The cache mirrors `<source>/<category>/{train,test,ground_truth}/...` image files under
 `<cache_root>/<category>/`. A rerun copies only files whose size or source version (S3 ETag, local mtime)
@@ -14,30 +15,29 @@ import os
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
-from patchcore_core.data import IMAGE_EXTENSIONS, list_categories, list_category
+from patchcore_core.artifacts import atomic_write
+from patchcore_core.data import IMAGE_EXTENSIONS, list_categories, list_category, open_location
 from patchcore_core.errors import DataError
-from patchcore_core.io_utils import atomic_write
 
-__all__ = ["FetchResult", "MANIFEST_DIR", "source_slug", "list_source_files", "fetch_category", "read_manifest"]
+__all__ = ["FetchResult", "MANIFEST_DIR", "run", "source_slug", "list_source_files", "fetch_category",
+           "read_manifest", "verify_cache"]
 
 MANIFEST_DIR = "_manifests"
 LAYOUT_DIRS = ("train", "test", "ground_truth")
 _CHUNK = 1 << 20
-_S3_FAST_FAIL = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
 
 
-@dataclass(frozen=True)
-class FetchResult:
+class FetchResult(BaseModel):
     """A category copied into the local cache: `root` is an MVTec-layout folder holding `category`."""
 
+    source_url: str
     root: str
     category: str
     manifest: str
@@ -49,8 +49,12 @@ class FetchResult:
     n_test: int
     n_anomalous: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def run(source_url: str, category: str, work_dir: str | os.PathLike, storage_options: dict | None = None,
+        log: Callable[[str], None] | None = None) -> FetchResult:
+    """Mirror `<source_url>/<category>` into `<work_dir>/data/<source slug>/`: the stage's entry point."""
+    cache_root = Path(work_dir) / "data" / source_slug(source_url)
+    return fetch_category(source_url, category, cache_root, storage_options, log=log)
 
 
 def source_slug(source: str) -> str:
@@ -63,17 +67,6 @@ def source_slug(source: str) -> str:
     return f"{safe}-{hashlib.sha256(normalised.encode()).hexdigest()[:10]}"
 
 
-def _url_to_fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
-    options = dict(storage_options or {})
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("s3", "s3a") and "config_kwargs" not in options:
-        options["config_kwargs"] = _S3_FAST_FAIL
-    try:
-        return fsspec.core.url_to_fs(url, **options)
-    except Exception as exc:
-        raise DataError(f"cannot open dataset location {url}: {type(exc).__name__}: {exc}") from exc
-
-
 def _version(info: dict[str, Any]) -> str:
     """What changes when a file's content changes: ETag on object stores, mtime locally, else the size."""
     for key in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created"):
@@ -84,7 +77,7 @@ def _version(info: dict[str, Any]) -> str:
 
 def list_source_files(source: str, category: str, storage_options: dict | None = None) -> dict[str, dict]:
     """{relpath: {"size", "version", "path"}} of the category's image files at the source (one listing call)."""
-    fs, base = _url_to_fs(str(source), storage_options)
+    fs, base = open_location(str(source), storage_options)
     cat = posixpath.join(base.rstrip("/"), category)
     try:
         fs.invalidate_cache()  # fsspec instances are shared: never trust an earlier listing's ETags
@@ -157,7 +150,7 @@ def fetch_category(
     dest_root = cache_root / category
     manifest_path = cache_root / MANIFEST_DIR / f"{category}.parquet"
     files = list_source_files(source, category, storage_options)
-    fs, _ = _url_to_fs(str(source), storage_options)
+    fs, _ = open_location(str(source), storage_options)
     previous = read_manifest(manifest_path) if manifest_path.is_file() else {}
 
     def one(rel: str) -> tuple[str, str, bool]:
@@ -202,6 +195,7 @@ def fetch_category(
     with atomic_write(manifest_path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return FetchResult(
+        source_url=str(source),
         root=str(cache_root.resolve()),
         category=category,
         manifest=str(manifest_path.resolve()),

@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-MODEL_FILES = {"config": "config.json", "memory_bank": "memory_bank.npy", "index": "index.faiss"}
+from serving import PYFUNC_ARTIFACTS
 
 
 class PatchCorePyfunc(PythonModel):
@@ -28,7 +28,7 @@ class PatchCorePyfunc(PythonModel):
 
         # PatchCore.load reads one folder: link the three artifacts into one, wherever MLflow put them.
         self._dir = tempfile.mkdtemp(prefix="patchcore-pyfunc-")
-        for key, name in MODEL_FILES.items():
+        for key, name in PYFUNC_ARTIFACTS.items():
             os.symlink(os.path.abspath(context.artifacts[key]), os.path.join(self._dir, name))
         self.model = PatchCore.load(self._dir, device=os.environ.get("PATCHCORE_DEVICE", "cpu"))
         self.model.progress = False

@@ -1,0 +1,56 @@
+"""The pipeline stages as Prefect tasks: one thin wrapper per `patchcore_core.stages` module.
+
+Each task passes its typed inputs to the stage's `run` with the runtime from the settings; the stage's typed
+result is the task's return value. Credentials come from the settings, never from task parameters.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from patchcore_core.config import DetectorParams
+from patchcore_core.stages import baseline, coreset, extract, fetch, index, metrics, score
+from tasks.common import STAGE_TASK, log, runtime
+from tasks.settings import get_settings
+
+
+@task(name="fetch", task_run_name="fetch-{category}", **STAGE_TASK)
+def fetch_category(data_url: str, category: str, work_dir: str) -> fetch.FetchResult:
+    return fetch.run(data_url, category, work_dir, get_settings().storage_options(data_url), log=log)
+
+
+@task(name="extract", task_run_name="extract-{fetched.category}-{split}", **STAGE_TASK)
+def extract_features(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str,
+                     split: str = "train") -> extract.SplitFeatures:
+    result = extract.run(fetched, params, split, work_dir, runtime())
+    log(f"{fetched.category}/{split}: {len(result.shards)} shards ({result.n_reused} reused, "
+        f"{result.n_written} written)")
+    return result
+
+
+@task(name="coreset", task_run_name="coreset-{features.category}", **STAGE_TASK)
+def select_coreset(features: extract.SplitFeatures, params: DetectorParams, work_dir: str) -> coreset.CoresetResult:
+    return coreset.run(features, params, work_dir, runtime())
+
+
+@task(name="index", task_run_name="index-{selected.category}", **STAGE_TASK)
+def build_index(selected: coreset.CoresetResult, params: DetectorParams, work_dir: str) -> index.ModelResult:
+    return index.run(selected, params, work_dir, runtime())
+
+
+@task(name="score", task_run_name="score-{model.category}", **STAGE_TASK)
+def score_test_split(model: index.ModelResult, features: extract.SplitFeatures, fetched: fetch.FetchResult,
+                     work_dir: str) -> score.ScoreResult:
+    return score.run(model, features, fetched, work_dir, runtime())
+
+
+@task(name="metrics", task_run_name="metrics-{scores.category}", **STAGE_TASK)
+def compute_metrics(scores: score.ScoreResult, fetched: fetch.FetchResult, model: index.ModelResult,
+                    work_dir: str, title: str = "") -> metrics.MetricsResult:
+    return metrics.run(scores, fetched, model, work_dir, title=title)
+
+
+@task(name="baseline", task_run_name="baseline-{fetched.category}", **STAGE_TASK)
+def fit_and_score_baseline(fetched: fetch.FetchResult, params: DetectorParams,
+                           work_dir: str) -> baseline.BaselineResult:
+    return baseline.run(fetched, params, work_dir, runtime())
