@@ -84,16 +84,21 @@ def evaluate_category(
     return result
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """The one Markdown table writer (GitHub layout); cells are printed as given."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of per-category metrics with the mean row, in the paper's Table S1–S3 layout."""
     cols = ["image_auroc", "pixel_auroc", "au_pro", "misclassified", "fit_seconds", "predict_seconds_per_image"]
-    lines = ["| category | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row in rows:
-        lines.append(f"| {row['category']} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    body = [[row["category"], *(_fmt(row.get(c)) for c in cols)] for row in rows]
     if len(rows) > 1:
         means = {c: np.mean([r[c] for r in rows if r.get(c) is not None]) for c in cols}
-        lines.append("| **mean** | " + " | ".join(_fmt(means[c]) for c in cols) + " |")
-    return "\n".join(lines)
+        body.append(["**mean**", *(_fmt(means[c]) for c in cols)])
+    return markdown_table(["category", *cols], body)
 
 
 def _fmt(value: Any) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 import patchcore_core
 from patchcore_core.config import DetectorParams
+from patchcore_core.evaluation import markdown_table as write_markdown_table
 from patchcore_core.stages.fetch import FetchResult
 from patchcore_core.stages.index import ModelResult
 from patchcore_core.stages.metrics import MetricsResult
@@ -229,12 +230,10 @@ def results_table(runs: list[CategoryRun]) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    lines = [header, "|" + "---|" * len(table.columns)]
-    for row in table.itertuples(index=False):
-        cells = [f"**{v}**" if v == "mean" else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The results table as Markdown (floats to 4 places, the mean row in bold)."""
+    rows = [[f"**{v}**" if v == "mean" else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row]
+            for row in table.itertuples(index=False)]
+    return write_markdown_table(list(table.columns), rows)
 
 
 @task(name="mlflow-log-results-table", **MLFLOW_TASK)

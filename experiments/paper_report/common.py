@@ -22,6 +22,7 @@ import torch
 from patchcore_core.artifacts import atomic_write
 from patchcore_core.backbones import get_spec, hierarchy_layers
 from patchcore_core.config import DEFAULTS, DetectorParams, validate_params
+from patchcore_core.evaluation import markdown_table as md_table
 
 __all__ = [
     "EXPERIMENTS", "GRID_OWNED", "LEGACY_NAMES", "ReportConfig", "ReportResult", "ratio_label", "levels_key",
@@ -239,13 +240,6 @@ def num(v: Any, fmt: str = "{:.4f}") -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
     return fmt.format(v) if isinstance(v, float | np.floating) else str(v)
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------

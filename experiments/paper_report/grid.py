@@ -181,20 +181,22 @@ class _Runner:
                         with_worst: bool = False) -> tuple[np.ndarray, np.ndarray, float] | tuple:
         """Image scores, maps and search + map seconds per image; with `with_worst`, also each image's most
         anomalous patch feature [N, D] (the argmax patch that the image score and eq. 7 are taken at)."""
-        from patchcore_core.scoring import anomaly_maps
+        from patchcore_core.scoring import anomaly_maps, score_stream
 
-        scores, maps, worst = [], [], []
-        batch_size = self.params.batch_size
-        t0 = clock(self.device)
-        for start in range(0, len(test_feats), batch_size):
-            feats = test_feats[start : start + batch_size]
+        worst = []
+
+        def score(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             s, grids = model.score_features(feats)
-            scores.append(s)
-            maps.append(anomaly_maps(grids, size))
             if with_worst:
                 worst.append(feats[np.arange(len(feats)), grids.reshape(len(feats), -1).argmax(axis=1)])
+            return s, anomaly_maps(grids, size)
+
+        batch_size = self.params.batch_size
+        batches = ((None, test_feats[s : s + batch_size]) for s in range(0, len(test_feats), batch_size))
+        t0 = clock(self.device)
+        scores, maps = score_stream(batches, score, len(test_feats), size)
         seconds = (clock(self.device) - t0) / max(1, len(test_feats))
-        out = (np.concatenate(scores), np.concatenate(maps), seconds)
+        out = (scores, maps, seconds)
         return (*out, np.concatenate(worst)) if with_worst else out
 
     def reweighted_scores(self, model, worst_feats: np.ndarray) -> np.ndarray:
