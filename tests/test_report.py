@@ -136,8 +136,10 @@ def test_rebuild_of_the_committed_results_matches_the_committed_report():
     saved = json.loads(results.read_text())
     cfg = ReportConfig.from_dict(saved["config"])
     assert cfg.params.backbone == "efficientnet_lite0" and cfg.levels == (2, 3) and cfg.params.k_images == 50
-    text, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], [Path(p) for p in saved["figures"]],
-                                      results.parent)
+    from experiments.paper_report.grid import _figure_path
+
+    figures = [_figure_path(p, results.parent) for p in saved["figures"]]  # also from a clone elsewhere
+    text, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], figures, results.parent)
     committed = (REPO / "bench" / "results" / "paper_report.md").read_text()
     assert text.rstrip("\n") == committed.rstrip("\n")
     assert acceptance == {"bottle": True}

@@ -604,12 +604,23 @@ def rebuild_report(results_json: str | os.PathLike, report_path: str | os.PathLi
     saved = json.loads(results_json.read_text())
     cfg = ReportConfig.from_dict(saved["config"])
     report_path = Path(report_path) if report_path else results_json.with_suffix(".md")
-    figures = [Path(p) for p in saved["figures"]]
+    figures = [_figure_path(p, results_json.parent) for p in saved["figures"]]
     markdown, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], figures, report_path.parent)
     with atomic_write(report_path) as tmp:
         tmp.write_text(markdown)
     return ReportResult(markdown, report_path, figures, build_tables(saved["rows"], cfg), saved["rows"],
                         saved["meta"]["wall_seconds"], saved["meta"]["device"], acceptance)
+
+
+def _figure_path(saved: str, results_dir: Path) -> Path:
+    """A figure recorded by a run, found again in a moved or cloned tree: relative paths are taken from the
+    results folder; an absolute one is looked up first by its last two parts beside the results (the copy
+    that travels with them), then where it was written."""
+    path = Path(saved)
+    if not path.is_absolute():
+        return results_dir / path
+    beside = results_dir / path.parent.name / path.name
+    return beside if beside.exists() else path
 
 
 def _jsonable(value: Any) -> Any:
