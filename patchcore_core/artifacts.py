@@ -22,15 +22,17 @@ from typing import Any
 from patchcore_core import __version__
 
 __all__ = [
-    "STAGE_FORMAT_VERSION", "MODEL_FORMAT_VERSION", "SUCCESS_FILE", "CONFIG_FILE", "BANK_FILE", "INDEX_FILE",
-    "MODEL_FILES", "PREDICTIONS_FILE", "MAPS_FILE", "MASKS_FILE", "METRICS_FILE", "atomic_write", "atomic_dir",
-    "fingerprint", "file_digest", "read_marker", "write_marker", "StageDir",
+    "STAGE_FORMAT_VERSION", "MODEL_FORMAT_VERSION", "READABLE_MODEL_FORMATS", "SUCCESS_FILE", "CONFIG_FILE",
+    "BANK_FILE", "INDEX_FILE", "MODEL_FILES", "PREDICTIONS_FILE", "MAPS_FILE", "MASKS_FILE", "METRICS_FILE",
+    "atomic_write", "atomic_dir", "fingerprint", "file_digest", "read_marker", "write_marker", "StageDir",
 ]
 
 # Bump when a stage's output layout or meaning changes: it enters every fingerprint.
 STAGE_FORMAT_VERSION = 2
 # Bump when the saved model layout or the meaning of a saved field changes; loading checks it.
-MODEL_FORMAT_VERSION = 1
+# 2: config.json records the sha256 of every file of the folder, and loading verifies them.
+MODEL_FORMAT_VERSION = 2
+READABLE_MODEL_FORMATS = (1, 2)
 
 SUCCESS_FILE = "_SUCCESS.json"
 CONFIG_FILE, BANK_FILE, INDEX_FILE = "config.json", "memory_bank.npy", "index.faiss"

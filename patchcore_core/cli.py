@@ -1,4 +1,9 @@
-"""`patchcore` command line: fit, predict, evaluate, demo-data."""
+"""`patchcore` command line: fit, predict, evaluate, demo-data.
+
+Every command checks its settings (the schema in patchcore_core.config) and then every input image's header
+before any heavy work; a problem is one line on stderr naming the setting or file, with exit code 2.
+Output that other programs read is Parquet or JSON.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,26 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out unusable images (listed with their reasons in the outputs) instead of stopping")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="largest image accepted, in pixels, checked from the header (default 50000000; "
+                        "$PATCHCORE_MAX_IMAGE_PIXELS)")
+
+
+def _runtime_checks(args: argparse.Namespace) -> None:
+    """Runtime options, checked before any I/O: threads, device, pixel limit."""
+    import os
+
+    from patchcore_core.data import max_image_pixels
+    from patchcore_core.runtime import configure_threads, resolve_device
+
+    if args.max_pixels is not None:  # checked, then handed to the image checks through the environment
+        os.environ["PATCHCORE_MAX_IMAGE_PIXELS"] = str(max_image_pixels(args.max_pixels))
+    max_image_pixels()
+    configure_threads(args.threads)
+    if getattr(args, "device", None):
+        resolve_device(args.device)
 
 
 def _add_dataset_options(p: argparse.ArgumentParser, category_help: str, out_help: str) -> None:
@@ -67,6 +92,13 @@ def _model_from_args(args: argparse.Namespace):
                          num_threads=args.threads, progress=not args.quiet)
 
 
+def _write_json(path: Path, value) -> None:
+    from patchcore_core.artifacts import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2))
+
+
 def expand_images(paths: list[str]) -> list[str]:
     """Files as given, folders expanded to their image files (sorted); a missing path is an error."""
     out: list[str] = []
@@ -84,83 +116,111 @@ def expand_images(paths: list[str]) -> list[str]:
     return out
 
 
-def cmd_fit(args: argparse.Namespace) -> None:
-    from patchcore_core.data import list_category
+def cmd_fit(args: argparse.Namespace) -> int:
+    from patchcore_core.data import list_category, screen_images
 
-    listing = list_category(args.data, args.category)
-    model = _model_from_args(args).fit([s.path for s in listing.train])
+    model = _model_from_args(args)  # settings first: a bad value fails before any I/O
+    _runtime_checks(args)
+    listing = list_category(args.data, args.category, need_test=False)  # fitting needs train/good only
+    paths, skipped = screen_images([s.path for s in listing.train], args.skip_bad)
+    if not paths:
+        raise PatchCoreError(f"{args.data}/{args.category}: no usable train image (all {len(skipped)} skipped)")
+    model.fit(paths)
     model.save(args.out)
-    print(f"saved {type(model).__name__} model to {args.out}")
+    if skipped:
+        _write_json(Path(args.out) / "skipped_inputs.json", skipped)
+    print(f"saved {type(model).__name__} model to {args.out}" + (f" ({len(skipped)} bad images skipped, listed in "
+                                                                  "skipped_inputs.json)" if skipped else ""))
+    return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
     from patchcore_core.artifacts import atomic_write
     from patchcore_core.baselines import load_detector
-    from patchcore_core.runtime import configure_threads
+    from patchcore_core.data import screen_images
 
-    configure_threads(args.threads)
+    batch_size = validate_params(batch_size=args.batch_size).batch_size if args.batch_size is not None else None
+    _runtime_checks(args)
     model = load_detector(args.model, device=args.device)
-    model.set_params(progress=not args.quiet)
-    if args.batch_size is not None:
-        model.set_params(batch_size=validate_params(batch_size=args.batch_size).batch_size)
-    images = expand_images(args.images)
+    model.set_params(progress=not args.quiet, **({"batch_size": batch_size} if batch_size else {}))
+    images, skipped = screen_images(expand_images(args.images), args.skip_bad)
+    if not images:
+        raise PatchCoreError(f"no usable image among the {len(skipped)} given (all skipped)")
     scores, maps = model.predict(images)
     out = Path(args.out)
     with atomic_write(out / "anomaly_maps.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, maps, allow_pickle=False)
     with atomic_write(out / "predictions.parquet") as tmp:
         pd.DataFrame({"path": images, "score": scores}).to_parquet(tmp, index=False)
-    for path, score in zip(images, scores, strict=True):
-        print(f"{score:.4f}\t{path}")
+    if skipped:
+        _write_json(out / "skipped_inputs.json", skipped)
+    for path, score in zip(images, scores, strict=True):  # JSON lines: any file name survives
+        print(json.dumps({"path": path, "score": float(score)}))
+    return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate one category, or every one with `--category all`; a failed category does not stop the others
+    and is reported at the end (exit code 1)."""
     from patchcore_core.artifacts import atomic_write
     from patchcore_core.baselines import load_detector
     from patchcore_core.data import list_categories
     from patchcore_core.evaluation import evaluate_category, summary_table
-    from patchcore_core.runtime import configure_threads
 
-    configure_threads(args.threads)
+    template = None if args.model else _model_from_args(args)  # settings first: fail before any I/O
+    _runtime_checks(args)
     categories = list_categories(args.data) if args.category == "all" else [args.category]
     if not categories:
         raise PatchCoreError(f"--data {args.data} holds no MVTec-layout category (no <category>/train/good)")
-    rows = []
+    rows, failed = [], {}
     for category in categories:
         out = Path(args.out) / category if args.category == "all" else Path(args.out)
-        if args.model:
-            model, fit = load_detector(args.model, device=None if args.device == "auto" else args.device), False
-        else:
-            model, fit = _model_from_args(args), True
-        result = evaluate_category(model, args.data, category, out, fit=fit)
+        try:
+            if args.model:
+                model, fit = load_detector(args.model, device=None if args.device == "auto" else args.device), False
+            else:
+                from sklearn.base import clone
+
+                model, fit = clone(template), True
+            result = evaluate_category(model, args.data, category, out, fit=fit, skip_bad=args.skip_bad)
+        except PatchCoreError as exc:
+            if args.category != "all":
+                raise
+            failed[category] = str(exc)
+            print(f"patchcore evaluate: category {category} failed: {exc}", file=sys.stderr)
+            continue
         rows.append(result.metrics)
         print(json.dumps(result.metrics))
-    table = summary_table(rows)
+    table = summary_table(rows) if rows else "(no category evaluated)"
+    if failed:
+        table += "\n\nFailed categories:\n" + "\n".join(f"- {c}: {m}" for c, m in failed.items())
     with atomic_write(Path(args.out) / "summary.md") as tmp:
         tmp.write_text(table + "\n")
+    _write_json(Path(args.out) / "summary.json", {"categories": rows, "failed": failed})
     print(table)
     print(f"\nresults written under {args.out}")
+    return 1 if failed else 0
 
 
-def cmd_demo_data(args: argparse.Namespace) -> None:
+def cmd_demo_data(args: argparse.Namespace) -> int:
     from patchcore_core.demo_data import write_demo_dataset
 
     path = write_demo_dataset(args.out, seed=args.seed)
     print(f"demo dataset written to {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo-data": cmd_demo_data}
     try:
-        handler[args.command](args)
+        return handler[args.command](args)
     except PatchCoreError as exc:
         print(f"patchcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from patchcore_core.errors import ConfigError
 
@@ -85,6 +85,13 @@ class DetectorParams(BaseModel):
             raise ValueError("must name at least one layer (or be none for the backbone default)")
         return value
 
+    @model_validator(mode="after")
+    def _crop_inside_resize(self) -> DetectorParams:
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(f"setting resize: must be >= image_size ({self.image_size}), or none; a centre crop "
+                             f"larger than the resized image would be zero-padded (got {self.resize})")
+        return self
+
     def stage_params(self, *stages: str) -> dict[str, Any]:
         """The settings of the given groups: what a stage's fingerprint is made of."""
         unknown = set(stages) - set(STAGE_GROUPS)
@@ -115,6 +122,8 @@ def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     name = ".".join(str(p) for p in err["loc"]) or "settings"
     message = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule between settings names them itself
+        return message
     if err["type"] == "extra_forbidden":
         return f"unknown setting {name!r}; settings: {', '.join(DetectorParams.model_fields)}"
     return f"setting {name}: {message} (got {err.get('input')!r})"

@@ -17,7 +17,9 @@ All geometry runs in PIL through `torchvision.transforms.v2.functional`, so resu
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from patchcore_core.errors import DataError
+from patchcore_core.errors import ConfigError, DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,10 +48,19 @@ __all__ = [
     "load_masks",
     "iter_batches",
     "open_location",
+    "check_image",
+    "check_images",
+    "require_images",
+    "screen_images",
+    "decode_bytes",
+    "image_tensor",
+    "max_image_pixels",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
+MIN_IMAGE_SIDE = 32  # smaller images carry no usable patch grid at any supported crop
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any decode; PATCHCORE_MAX_IMAGE_PIXELS
 # s3 defaults that make an unreachable endpoint fail in seconds instead of minutes of retries.
 _S3_FAST_FAIL = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
 
@@ -160,8 +171,12 @@ def _categories(fs: Any, base: str) -> list[str]:
     return [name for name in _subdirs(fs, base) if _is_dir(fs, posixpath.join(base, name, "train", GOOD))]
 
 
-def list_category(root: str, category: str, storage_options: dict | None = None) -> CategoryListing:
-    """List and validate one category; every layout problem raises DataError naming the folder or file."""
+def list_category(root: str, category: str, storage_options: dict | None = None,
+                  need_test: bool = True) -> CategoryListing:
+    """List and validate one category; every layout problem raises DataError naming the folder or file.
+
+    `need_test=False` (fitting) lists `train/good` only: no test split or masks are needed to fit.
+    """
     root = str(root)
     fs, base = open_location(root, storage_options)
     _fresh(fs)
@@ -175,7 +190,7 @@ def list_category(root: str, category: str, storage_options: dict | None = None)
     except Exception as exc:
         raise DataError(f"cannot list {_full_path(fs, cat)}: {type(exc).__name__}: {exc}") from exc
     train = _train_samples(fs, cat, rel_files)
-    test = _test_samples(fs, cat, rel_files)
+    test = _test_samples(fs, cat, rel_files) if need_test else []
     return CategoryListing(root=root, category=category, train=train, test=test)
 
 
@@ -256,15 +271,102 @@ def _read_bytes(path: str, storage_options: dict | None) -> bytes:
         raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(path: str, storage_options: dict | None, what: str = "image") -> Image.Image:
-    """Open and fully decode `path`; corrupt or truncated files raise DataError naming the file."""
-    data = _read_bytes(path, storage_options)
+def max_image_pixels(raw: str | int | None = None) -> int:
+    """The pixel limit of one image: `raw` when given, else $PATCHCORE_MAX_IMAGE_PIXELS, else the default;
+    ConfigError for a value that is not an integer >= 32*32."""
+    raw = os.environ.get("PATCHCORE_MAX_IMAGE_PIXELS") if raw is None else raw
+    if raw is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    text = str(raw).strip()
+    if not text.isdigit() or int(text) < MIN_IMAGE_SIDE**2:
+        raise ConfigError(f"setting PATCHCORE_MAX_IMAGE_PIXELS: must be an integer >= {MIN_IMAGE_SIDE**2} "
+                          f"(got {str(raw)!r})")
+    return int(text)
+
+
+def _size_problem(size: tuple[int, int], min_side: bool = True) -> str | None:
+    """Why an input image of this (width, height) is refused (too small, too many pixels), or None."""
+    w, h = size
+    if min_side and min(w, h) < MIN_IMAGE_SIDE:
+        return f"{w}x{h} px is smaller than the minimum side of {MIN_IMAGE_SIDE} px"
+    limit = max_image_pixels()
+    if w * h > limit:
+        return f"{w}x{h} px = {w * h / 1e6:.1f} MP exceeds the limit of {limit / 1e6:g} MP (PATCHCORE_MAX_IMAGE_PIXELS)"
+    return None
+
+
+def decode_bytes(data: bytes, name: str, what: str = "image", min_side: bool = False) -> Image.Image:
+    """Fully decode image bytes after checking the pixel count from the header (and, with `min_side`, the
+    minimum side); errors are DataError naming `name` only."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # our own pixel limit applies below; Pillow's warning adds nothing
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own guard (far above ours) fired at the header
+        raise DataError(f"{what} {name}: {exc}") from exc
+    except Exception as exc:  # not an image at all
+        raise DataError(f"corrupt or unreadable {what} {name}: {type(exc).__name__}: {exc}") from exc
+    problem = _size_problem(img.size, min_side) if what == "image" else None
+    if problem:
+        raise DataError(f"{what} {name}: {problem}")
+    try:
         img.load()  # force the full decode so truncation surfaces here, not later
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors
-        raise DataError(f"corrupt or unreadable {what} {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"corrupt or unreadable {what} {name}: {type(exc).__name__}: {exc}") from exc
     return img
+
+
+def _decode(path: str, storage_options: dict | None, what: str = "image") -> Image.Image:
+    """Open and fully decode `path`; corrupt, truncated or oversized files raise DataError naming the file."""
+    return decode_bytes(_read_bytes(path, storage_options), path, what)
+
+
+def check_image(path: str, storage_options: dict | None = None) -> str | None:
+    """Why `path` cannot be used as an input image (unreadable, corrupt, too small, too many pixels), or None.
+
+    Reads the header and verifies the file's structure without decoding the pixels, so a whole dataset can be
+    checked before any heavy work.
+    """
+    try:
+        data = _read_bytes(path, storage_options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            problem = _size_problem(img.size)
+            if problem:
+                return problem
+            img.verify()  # chunk structure and checksums (PNG), markers (JPEG): no pixel decode
+    except DataError as exc:
+        return str(exc)
+    except Image.DecompressionBombError as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"corrupt or unreadable image: {type(exc).__name__}: {exc}"
+    return None
+
+
+def check_images(paths: Sequence[str], storage_options: dict | None = None, workers: int = 4) -> dict[str, str]:
+    """{path: reason} of every unusable image among `paths` (empty when all are fine), read in threads."""
+    reasons = _map(lambda p: check_image(str(p), storage_options), [str(p) for p in paths], workers)
+    return {str(p): r for p, r in zip(paths, reasons, strict=True) if r is not None}
+
+
+def screen_images(paths: Sequence[str], skip_bad: bool = False, storage_options: dict | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """(usable paths, {bad path: reason}); without `skip_bad`, any bad image is a DataError naming every one."""
+    bad = check_images(paths, storage_options)
+    if bad and not skip_bad:
+        listed = "; ".join(f"{p}: {r}" for p, r in list(bad.items())[:20])
+        more = f"; ... ({len(bad) - 20} more)" if len(bad) > 20 else ""
+        raise DataError(f"{len(bad)} of {len(paths)} input image(s) cannot be used "
+                        f"(--skip-bad goes on without them): {listed}{more}")
+    return [str(p) for p in paths if str(p) not in bad], bad
+
+
+def require_images(paths: Sequence[str], storage_options: dict | None = None) -> None:
+    """DataError naming every unusable image, before any heavy work."""
+    screen_images(paths, skip_bad=False, storage_options=storage_options)
 
 
 def read_image_size(path: str, storage_options: dict | None = None) -> tuple[int, int]:
@@ -330,6 +432,11 @@ def _image_tensor(img: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
+def image_tensor(img: Image.Image, name: str, resize: int | None, image_size: int | None) -> torch.Tensor:
+    """A decoded image to float32 [3,S,S] in [0,1]: RGB conversion, resize, centre crop (see module doc)."""
+    return _image_tensor(_geometry(_to_rgb(img, name), resize, image_size, nearest=False))
+
+
 def load_image(
     path: str,
     resize: int | None = 256,
@@ -337,8 +444,7 @@ def load_image(
     storage_options: dict | None = None,
 ) -> torch.Tensor:
     """Decode one image to float32 [3,S,S] in [0,1] (RGB); `resize=None` skips the resize step."""
-    img = _decode(str(path), storage_options)
-    return _image_tensor(_geometry(_to_rgb(img, str(path)), resize, image_size, nearest=False))
+    return image_tensor(_decode(str(path), storage_options), str(path), resize, image_size)
 
 
 def _binary_mask_image(img: Image.Image) -> Image.Image:

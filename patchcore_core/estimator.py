@@ -20,9 +20,15 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from patchcore_core import __version__
-from patchcore_core.artifacts import CONFIG_FILE, MODEL_FORMAT_VERSION, atomic_dir
+from patchcore_core.artifacts import (
+    CONFIG_FILE,
+    MODEL_FORMAT_VERSION,
+    READABLE_MODEL_FORMATS,
+    atomic_dir,
+    file_digest,
+)
 from patchcore_core.config import DetectorParams, validate_params
-from patchcore_core.errors import IncompatibleModelError
+from patchcore_core.errors import DataError, IncompatibleModelError
 from patchcore_core.runtime import configure_threads, resolve_device
 from patchcore_core.scoring import score_stream
 
@@ -58,9 +64,11 @@ class Detector(BaseEstimator):
                 params[name] = value
         return params
 
-    def _prepare(self) -> None:
-        """Checks and set-up at the start of `fit`: settings valid, threads set, device resolved."""
+    def _prepare(self, images: Images | None = None) -> None:
+        """Checks and set-up before any heavy work: settings valid, every input image usable (header read, size
+        and pixel limits; all bad files named at once), threads set, device resolved."""
         self.settings()
+        check_inputs(images)
         self._runtime()
 
     def _runtime(self) -> torch.device:
@@ -99,26 +107,36 @@ class Detector(BaseEstimator):
     def predict(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
         """Image anomaly scores [N] and anomaly maps [N, S, S] (float32, S = image_size)."""
         self.check_fitted()
+        check_inputs(images)
         batches = ((None, batch) for batch in self.image_batches(images, f"{self.MODEL_NAME} predict"))
         return score_stream(batches, self.score_batch, len(images), self.image_size)
 
     # ------------------------------------------------------------------ persistence
     def _write_model(self, directory: str | os.PathLike, arrays: dict[str, np.ndarray], state: dict[str, Any],
                      extra_files=None) -> Path:
-        """config.json + one .npy per array (+ `extra_files(tmp_dir)`), written as one atomic folder."""
+        """config.json + one .npy per array (+ `extra_files(tmp_dir)`), written as one atomic folder.
+
+        config.json (written last) records every array's shape and the sha256 of every other file, so loading
+        can tell a damaged or mixed-up folder from a good one.
+        """
         directory = Path(directory)
-        config = {
-            "format_version": MODEL_FORMAT_VERSION,
-            "library_version": __version__,
-            "model": self.MODEL_NAME,
-            "params": self.saved_params(),
-            "state": {**state, "arrays": {name: list(a.shape) for name, a in arrays.items()}},
-        }
+        for name, array in arrays.items():
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise DataError(f"refusing to save {self.MODEL_NAME}: {name} holds non-finite values")
         with atomic_dir(directory) as tmp:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
             if extra_files is not None:
                 extra_files(tmp)
+            files = {p.name: file_digest([p]) for p in sorted(tmp.iterdir()) if p.is_file()}
+            config = {
+                "format_version": MODEL_FORMAT_VERSION,
+                "library_version": __version__,
+                "model": self.MODEL_NAME,
+                "params": self.saved_params(),
+                "state": {**state, "arrays": {name: list(a.shape) for name, a in arrays.items()}},
+                "files": {name: {"sha256": digest} for name, digest in files.items()},
+            }
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return directory
 
@@ -133,14 +151,20 @@ class Detector(BaseEstimator):
         accepted = cls._get_param_names()
         model = cls(**{k: v for k, v in params.items() if k in accepted})
         directory = Path(directory)
+        verify_files(directory, config)
         arrays = {}
         for name, shape in cls._array_shapes(config["state"]).items():
             path = directory / f"{name}.npy"
             if not path.is_file():
                 raise IncompatibleModelError(f"{directory} is incomplete: {path.name} is missing")
-            array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            try:
+                array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            except Exception as exc:  # truncated, not an .npy, pickled objects
+                raise IncompatibleModelError(f"{path} is damaged: {type(exc).__name__}: {exc}") from exc
             if list(array.shape) != list(shape):
                 raise IncompatibleModelError(f"{path} has shape {list(array.shape)}, config.json says {shape}")
+            if np.issubdtype(array.dtype, np.floating) and not mmap and not np.isfinite(array).all():
+                raise IncompatibleModelError(f"{path} holds non-finite values (NaN or infinity)")
             arrays[name] = array
         return model, config["state"], arrays
 
@@ -149,6 +173,25 @@ class Detector(BaseEstimator):
     def _array_shapes(cls, state: dict[str, Any]) -> dict[str, list[int]]:
         """{array name: shape} a saved state promises (subclasses read older layouts here)."""
         return state["arrays"]
+
+
+def check_inputs(images: Images | None) -> None:
+    """Refuse unusable input images up front (DataError naming each); tensors are already preprocessed."""
+    if images is not None and not isinstance(images, torch.Tensor):
+        from patchcore_core.data import require_images
+
+        require_images([str(p) for p in images])
+
+
+def verify_files(directory: Path, config: dict[str, Any]) -> None:
+    """Every file config.json lists is present with its recorded sha256 (format 1 folders list none)."""
+    for name, meta in config.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise IncompatibleModelError(f"{directory} is incomplete: {name} is missing")
+        if file_digest([path]) != meta["sha256"]:
+            raise IncompatibleModelError(f"{path} does not match config.json (sha256 differs): the file is damaged "
+                                         "or comes from another model")
 
 
 def read_model_config(directory: str | os.PathLike, expected_model: str | None) -> dict[str, Any]:
@@ -164,11 +207,11 @@ def read_model_config(directory: str | os.PathLike, expected_model: str | None) 
     if expected_model is None:
         return config
     fmt = config.get("format_version")
-    if fmt != MODEL_FORMAT_VERSION:
+    if fmt not in READABLE_MODEL_FORMATS:
         raise IncompatibleModelError(
             f"{directory} was saved in model format {fmt!r} by patchcore_core "
             f"{config.get('library_version', 'unknown')}; this is patchcore_core {__version__}, which reads "
-            f"format {MODEL_FORMAT_VERSION}. Refit the model with this version (patchcore fit ...)."
+            f"formats {list(READABLE_MODEL_FORMATS)}. Refit the model with this version (patchcore fit ...)."
         )
     if config.get("model") != expected_model:
         raise IncompatibleModelError(f"{directory} holds a {config.get('model')!r} model, not {expected_model!r}")

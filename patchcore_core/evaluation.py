@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from patchcore_core.artifacts import METRICS_FILE, atomic_write
-from patchcore_core.data import CategoryListing, list_category, load_masks
+from patchcore_core.data import CategoryListing, list_category, load_masks, screen_images
+from patchcore_core.errors import DataError
 from patchcore_core.metrics import compute_metrics, plot_roc_pr
 from patchcore_core.stages.score import write_scores
 
@@ -34,8 +35,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate_model(model, listing: CategoryListing, fit: bool, storage_options=None) -> Evaluation:
-    """Fit on the train split (if `fit`), score the test split, and compute the metrics with timings."""
+def screen_listing(listing: CategoryListing, skip_bad: bool, storage_options=None
+                   ) -> tuple[CategoryListing, dict[str, str]]:
+    """Check every train and test image before any work; bad ones fail at once, or are dropped with `skip_bad`."""
+    samples = listing.train + listing.test
+    _, bad = screen_images([s.path for s in samples], skip_bad, storage_options)
+    kept = CategoryListing(listing.root, listing.category, [s for s in listing.train if s.path not in bad],
+                           [s for s in listing.test if s.path not in bad])
+    for split, left in (("train", kept.train), ("test", kept.test)):
+        if not left:
+            raise DataError(f"{listing.root}/{listing.category}: no usable {split} image left after skipping "
+                            f"{len(bad)} bad file(s)")
+    return kept, bad
+
+
+def evaluate_model(model, listing: CategoryListing, fit: bool, storage_options=None,
+                   skip_bad: bool = False) -> Evaluation:
+    """Check every image, fit on the train split (if `fit`), score the test split, compute the metrics with
+    timings. With `skip_bad`, unusable images are left out and listed in `metrics["skipped"]`, and the
+    metrics are marked `incomplete`."""
+    listing, skipped = screen_listing(listing, skip_bad, storage_options)
     fit_seconds = 0.0
     if fit:
         start = time.perf_counter()
@@ -54,6 +73,8 @@ def evaluate_model(model, listing: CategoryListing, fit: bool, storage_options=N
         fit_seconds=round(fit_seconds, 3),
         predict_seconds_per_image=round(predict_seconds / max(1, len(listing.test)), 5),
         peak_rss_mb=round(peak_rss_mb(), 1),
+        incomplete=bool(skipped),
+        skipped=skipped,
     )
     return Evaluation(listing, scores, maps, masks, metrics)
 
@@ -75,11 +96,12 @@ def write_evaluation(result: Evaluation, out_dir: str | os.PathLike) -> Path:
 
 
 def evaluate_category(
-    model, data: str, category: str, out_dir: str | os.PathLike, fit: bool = True, storage_options=None
+    model, data: str, category: str, out_dir: str | os.PathLike, fit: bool = True, storage_options=None,
+    skip_bad: bool = False,
 ) -> Evaluation:
     """List the category, evaluate `model` on it and write the artifacts under `out_dir`."""
     listing = list_category(data, category, storage_options=storage_options)
-    result = evaluate_model(model, listing, fit=fit, storage_options=storage_options)
+    result = evaluate_model(model, listing, fit=fit, storage_options=storage_options, skip_bad=skip_bad)
     write_evaluation(result, out_dir)
     return result
 
@@ -94,7 +116,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of per-category metrics with the mean row, in the paper's Table S1–S3 layout."""
     cols = ["image_auroc", "pixel_auroc", "au_pro", "misclassified", "fit_seconds", "predict_seconds_per_image"]
-    body = [[row["category"], *(_fmt(row.get(c)) for c in cols)] for row in rows]
+    body = [[row["category"] + (" (incomplete)" if row.get("incomplete") else ""), *(_fmt(row.get(c)) for c in cols)]
+            for row in rows]
     if len(rows) > 1:
         means = {c: np.mean([r[c] for r in rows if r.get(c) is not None]) for c in cols}
         body.append(["**mean**", *(_fmt(means[c]) for c in cols)])

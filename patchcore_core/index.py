@@ -105,6 +105,14 @@ class NearestNeighbourIndex:
             dists[start:stop], ids[start:stop] = self.index_.search(queries[start:stop], k)
         return dists, ids
 
+    def holds(self, bank: np.ndarray) -> bool | None:
+        """Whether this index holds exactly `bank` (exact indices only; None when the index is approximate)."""
+        if self.kind != "flat":
+            return None
+        if (self.ntotal_, self.dim_) != tuple(bank.shape):
+            return False
+        return bool(np.array_equal(self._cpu_index().reconstruct_n(0, self.ntotal_), bank))
+
     def save(self, path: str | os.PathLike) -> None:
         """Serialise with faiss's own format (no pickle), atomically."""
         with atomic_write(path) as tmp:

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_core.artifacts import INDEX_FILE
+from patchcore_core.artifacts import BANK_FILE, INDEX_FILE
 from patchcore_core.backbones import FeatureExtractor, get_spec
 from patchcore_core.config import DEFAULTS as D
+from patchcore_core.errors import IncompatibleModelError
 from patchcore_core.estimator import Detector, Images
 from patchcore_core.features import PatchFeatureAggregator
 from patchcore_core.index import NearestNeighbourIndex
@@ -128,7 +129,7 @@ class PatchCore(Detector):
     # ----------------------------------------------------------------- fit
     def fit(self, images: Images) -> PatchCore:
         """Extract all nominal patch features, subsample the coreset, and index it."""
-        self._prepare()
+        self._prepare(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one image")
         bank, grid, row = None, (0, 0), 0
@@ -217,5 +218,15 @@ class PatchCore(Detector):
         model.memory_bank_ = arrays["memory_bank"]
         model.feature_grid_ = tuple(state["feature_grid"])
         model.n_train_patches_ = state["n_train_patches"]
-        model.index_ = NearestNeighbourIndex.load(Path(directory) / INDEX_FILE, device=str(model._runtime()))
+        path = Path(directory) / INDEX_FILE
+        try:
+            model.index_ = NearestNeighbourIndex.load(path, device=str(model._runtime()))
+        except Exception as exc:  # faiss raises RuntimeError on any unreadable file
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise IncompatibleModelError(f"{path} is not a readable faiss index: {reason}") from exc
+        bank = model.memory_bank_.shape
+        if (model.index_.ntotal_, model.index_.dim_) != bank or model.index_.holds(model.memory_bank_) is False:
+            raise IncompatibleModelError(
+                f"{path} does not belong to {Path(directory) / BANK_FILE}: it indexes other vectors "
+                f"({model.index_.ntotal_} x {model.index_.dim_}; the bank is {bank[0]} x {bank[1]})")
         return model

@@ -8,14 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
+from patchcore_core.errors import ConfigError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """Map "auto" to CUDA when present, else CPU; validate explicit names."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"setting device: must be auto, cpu, cuda or cuda:N (got {device!r})") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"setting device: must be auto, cpu, cuda or cuda:N (got {device!r})")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
+        raise ConfigError(f"setting device: {device!r} was requested but CUDA is not available on this machine")
     return dev
 
 
@@ -24,10 +31,17 @@ def configure_threads(num_threads: int | None = None) -> int:
 
     `num_threads` defaults to $PATCHCORE_THREADS or the number of usable cores.
     """
+    source = "threads"
     if num_threads is None:
         env = os.environ.get("PATCHCORE_THREADS")
-        num_threads = int(env) if env else len(os.sched_getaffinity(0))
-    num_threads = max(1, int(num_threads))
+        source, num_threads = "PATCHCORE_THREADS", env if env else len(os.sched_getaffinity(0))
+    try:
+        valid = int(num_threads) >= 1 and float(num_threads) == int(num_threads)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:  # never clamped silently
+        raise ConfigError(f"setting {source}: must be an integer >= 1 (got {num_threads!r})")
+    num_threads = int(num_threads)
     torch.set_num_threads(num_threads)
     import faiss
 

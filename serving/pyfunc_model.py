@@ -4,20 +4,35 @@ MLflow copies this file into the logged model; the fitted state comes from the m
 `config` (config.json), `memory_bank` (memory_bank.npy: the coreset), `index` (index.faiss) and `serving`
 (serving.json: the decision threshold). Input: a DataFrame with a binary column `image` (encoded PNG/JPEG
 bytes; base64 in JSON requests). Output: `score` (image anomaly score) and `is_anomalous` (score >= threshold).
+
+A bad request (no `image` column, a null or undecodable image, too many images or pixels) raises an
+`MlflowException` with error code INVALID_PARAMETER_VALUE (HTTP 400) whose message starts with
+`patchcore: ` and names the image by its position, never a server path. Images are decoded from memory:
+no temporary files.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import os
 import shutil
 import tempfile
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from serving import PYFUNC_ARTIFACTS
+from serving import ERROR_PREFIX, PYFUNC_ARTIFACTS, max_images_per_request
+
+
+def bad_request(message: str) -> MlflowException:
+    """A client error with a one-line message (HTTP 400)."""
+    return MlflowException(f"{ERROR_PREFIX}{message}", error_code=INVALID_PARAMETER_VALUE)
 
 
 class PatchCorePyfunc(PythonModel):
@@ -26,31 +41,59 @@ class PatchCorePyfunc(PythonModel):
     def load_context(self, context) -> None:
         from patchcore_core.model import PatchCore
 
-        # PatchCore.load reads one folder: link the three artifacts into one, wherever MLflow put them.
-        self._dir = tempfile.mkdtemp(prefix="patchcore-pyfunc-")
-        for key, name in PYFUNC_ARTIFACTS.items():
-            os.symlink(os.path.abspath(context.artifacts[key]), os.path.join(self._dir, name))
-        self.model = PatchCore.load(self._dir, device=os.environ.get("PATCHCORE_DEVICE", "cpu"))
-        self.model.progress = False
+        # PatchCore.load reads one folder (and verifies each file's sha256): link the artifacts into one,
+        # wherever MLflow put them; the model holds everything in memory afterwards, so the folder goes.
+        folder = tempfile.mkdtemp(prefix="patchcore-pyfunc-")
+        try:
+            for key, name in PYFUNC_ARTIFACTS.items():
+                os.symlink(os.path.abspath(context.artifacts[key]), os.path.join(folder, name))
+            self.model = PatchCore.load(folder, device=os.environ.get("PATCHCORE_DEVICE", "cpu"))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.model.set_params(progress=False)
         with open(context.artifacts["serving"]) as fh:
             self.serving = json.load(fh)
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        import base64
+    def _images(self, model_input: pd.DataFrame):
+        """The request's images as one preprocessed tensor [N,3,S,S], each checked before it is decoded."""
+        import torch
 
+        from patchcore_core.data import decode_bytes, image_tensor
+        from patchcore_core.errors import PatchCoreError
+
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise bad_request("the request needs a column named 'image' (base64-encoded PNG/JPEG bytes)")
+        values = list(model_input["image"])
+        limit = max_images_per_request()
+        if not values:
+            raise bad_request("the request holds no image")
+        if len(values) > limit:
+            raise bad_request(f"{len(values)} images in one request; the limit is {limit} "
+                              "(PATCHCORE_SERVE_MAX_IMAGES)")
+        tensors = []
+        for i, value in enumerate(values):
+            name = f"#{i}"
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise bad_request(f"image {name} is null")
+            if isinstance(value, bytes | bytearray):
+                data = bytes(value)
+            elif isinstance(value, str):
+                try:
+                    data = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise bad_request(f"image {name} is not valid base64") from None
+            else:
+                raise bad_request(f"image {name} must be base64-encoded image bytes, not {type(value).__name__}")
+            try:
+                img = decode_bytes(data, name, min_side=True)
+                tensors.append(image_tensor(img, name, self.model.resize, self.model.image_size))
+            except PatchCoreError as exc:
+                raise bad_request(str(exc)) from None
+        return torch.stack(tensors)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         threshold = float((params or {}).get("threshold") or self.serving["threshold"])
-        work = tempfile.mkdtemp(prefix="patchcore-request-")
-        try:
-            paths = []
-            for i, value in enumerate(model_input["image"]):
-                data = value if isinstance(value, bytes | bytearray) else base64.b64decode(value)
-                path = os.path.join(work, f"{i:06d}.img")
-                with open(path, "wb") as fh:
-                    fh.write(data)
-                paths.append(path)
-            scores, _ = self.model.predict(paths)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        scores, _ = self.model.predict(self._images(model_input))
         return pd.DataFrame({"score": scores.astype("float32"), "is_anomalous": scores >= threshold})
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from patchcore_core.artifacts import MODEL_FORMAT_VERSION
 from patchcore_core.backbones import hierarchy_layers
 from patchcore_core.baselines import (
     SPADE,
@@ -87,7 +88,7 @@ def test_save_load_round_trip_without_pickle(name, request, data, tmp_path):
     model.save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model"] == model.MODEL_NAME
-    assert config["format_version"] == 1 and "library_version" in config
+    assert config["format_version"] == MODEL_FORMAT_VERSION and set(config["files"]) and "library_version" in config
     assert config["params"]["backbone"] == "efficientnet_lite0" and config["params"]["image_size"] == S
     for npy in (tmp_path / "m").glob("*.npy"):
         np.load(npy, allow_pickle=False)  # plain arrays only

@@ -44,7 +44,7 @@ class LayerMapDetector(Detector):
 
     def fit(self, images: Images):
         """Fit on nominal images: paths (local or fsspec) or a preprocessed tensor [N,3,S,S] in [0,1]."""
-        self._prepare()
+        self._prepare(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one image")
         return self.fit_features(self.iter_layer_maps(images, desc=f"{self.MODEL_NAME} fit"))

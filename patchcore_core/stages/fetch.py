@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from patchcore_core.artifacts import atomic_write
-from patchcore_core.data import IMAGE_EXTENSIONS, list_categories, list_category, open_location
+from patchcore_core.data import IMAGE_EXTENSIONS, list_categories, list_category, open_location, require_images
 from patchcore_core.errors import DataError
 
 __all__ = ["FetchResult", "MANIFEST_DIR", "run", "source_slug", "list_source_files", "fetch_category",
@@ -75,8 +75,30 @@ def _version(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')}"
 
 
+def check_name(name: str, what: str) -> str:
+    """A category name or a relative key that stays inside its folder: no '..', '.', empty or absolute parts and
+    no backslash. A source that lists such a key could make the mirror write outside the work dir."""
+    parts = name.split("/")
+    if "\\" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in name:
+        raise DataError(f"refusing {what} {name!r}: it must be a plain relative path (no '..', '.', absolute "
+                        "path or backslash)")
+    return name
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root / rel`, checked to resolve inside `root` (symlinks included); DataError naming `rel` otherwise."""
+    dest = root / rel
+    if not dest.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"refusing key {rel!r}: it resolves outside {root}")
+    return dest
+
+
 def list_source_files(source: str, category: str, storage_options: dict | None = None) -> dict[str, dict]:
-    """{relpath: {"size", "version", "path"}} of the category's image files at the source (one listing call)."""
+    """{relpath: {"size", "version", "path"}} of the category's image files at the source (one listing call).
+
+    Every key is checked before anything is copied: one that could escape the cache is refused, by name.
+    """
+    check_name(category, "category")
     fs, base = open_location(str(source), storage_options)
     cat = posixpath.join(base.rstrip("/"), category)
     try:
@@ -90,7 +112,7 @@ def list_source_files(source: str, category: str, storage_options: dict | None =
     for path, info in found.items():
         if info.get("type") == "directory" or not path.startswith(cat + "/"):
             continue
-        rel = path[len(cat) + 1 :]
+        rel = check_name(path[len(cat) + 1 :], "key")
         parts = rel.split("/")
         name = parts[-1]
         if parts[0] not in LAYOUT_DIRS or name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -155,7 +177,7 @@ def fetch_category(
 
     def one(rel: str) -> tuple[str, str, bool]:
         info = files[rel]
-        dest = dest_root / rel
+        dest = inside(dest_root, rel)
         old = previous.get(rel)
         if (
             old is not None
@@ -176,6 +198,7 @@ def fetch_category(
             if path.is_file() and path.relative_to(dest_root).as_posix() not in files:
                 path.unlink()
     listing = list_category(str(cache_root), category)  # validates the layout of the local copy
+    require_images([s.path for s in listing.train + listing.test])  # every bad image named before extraction
     if log:
         log(f"{category}: {len(files)} files, {copied} copied from {source}")
 
