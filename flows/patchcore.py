@@ -36,6 +36,7 @@ from tasks.reporting import publish_benchmark, publish_promotions
 from tasks.settings import get_settings
 from tasks.stages import (
     build_index,
+    calibrate_thresholds,
     compute_metrics,
     extract_features,
     fetch_category,
@@ -88,7 +89,8 @@ def train_and_evaluate(
     train_features = extract_features(fetched, config, work_dir, split="train")
     test_features = extract_features(canary, config, work_dir, split="test")
     coreset = select_coreset(train_features, config, work_dir)
-    model = build_index(coreset, config, work_dir)
+    calibration = calibrate_thresholds(train_features, config, work_dir)
+    model = build_index(coreset, config, work_dir, calibration)
     scores = score_test_split(model, test_features, canary, work_dir)
     evaluation = compute_metrics(scores, canary, model, work_dir)
     return TrainedAndEvaluated(fetched=fetched, canary=canary, test_features=test_features, model=model,

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True)
     predict.add_argument("--device", default=None)
     predict.add_argument("--batch-size", type=int, default=None)
+    predict.add_argument("--no-maps", action="store_true", help="write predictions.parquet only (no masks/heatmaps)")
     _add_runtime_options(predict)
 
     ev = sub.add_parser("evaluate", help="fit (or load) and evaluate on a category's test split")
@@ -135,12 +136,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pandas as pd
-
-    from patchcore_core.artifacts import atomic_write
+    """Score images with a saved model: predictions.parquet (score, threshold, decision), masks/, heatmaps/."""
     from patchcore_core.baselines import load_detector
     from patchcore_core.data import screen_images
+    from patchcore_core.prediction import write_predictions
 
     batch_size = validate_params(batch_size=args.batch_size).batch_size if args.batch_size is not None else None
     _runtime_checks(args)
@@ -151,14 +150,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise PatchCoreError(f"no usable image among the {len(skipped)} given (all skipped)")
     scores, maps = model.predict(images)
     out = Path(args.out)
-    with atomic_write(out / "anomaly_maps.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, maps, allow_pickle=False)
-    with atomic_write(out / "predictions.parquet") as tmp:
-        pd.DataFrame({"path": images, "score": scores}).to_parquet(tmp, index=False)
+    write_predictions(out, model, images, scores, maps, errors=skipped,
+                      model_fingerprint=getattr(model, "model_fingerprint_", ""), masks_and_heatmaps=not args.no_maps)
     if skipped:
         _write_json(out / "skipped_inputs.json", skipped)
+    threshold = getattr(model, "threshold_", None)
     for path, score in zip(images, scores, strict=True):  # JSON lines: any file name survives
-        print(json.dumps({"path": path, "score": float(score)}))
+        decision = None if threshold is None else bool(score >= threshold)
+        print(json.dumps({"path": path, "score": float(score), "is_anomalous": decision}))
     return 0
 
 

@@ -9,6 +9,7 @@ Groups (the `stage` of each field):
 - `features`: what patch features depend on (backbone, layers, geometry, aggregation);
 - `coreset`: the memory-bank subsampling;
 - `model`: what a saved model adds on top of the bank (the faiss index, neighbours, eq. 7, distance);
+- `calibration`: how the decision thresholds are set from held-out nominal train images (never test images);
 - `baseline`: settings only SPADE / PaDiM take;
 - `method` and `runtime`: which detector, and how fast (never part of a fingerprint).
 """
@@ -27,7 +28,7 @@ from patchcore_core.errors import ConfigError
 
 __all__ = ["DetectorParams", "DEFAULTS", "STAGE_GROUPS", "validate_params", "add_cli_options", "from_cli"]
 
-STAGE_GROUPS = ("method", "features", "coreset", "model", "baseline", "runtime")
+STAGE_GROUPS = ("method", "features", "coreset", "model", "calibration", "baseline", "runtime")
 Method = Literal["patchcore", "spade", "padim"]
 
 
@@ -60,6 +61,13 @@ class DetectorParams(BaseModel):
     reweight_neighbors: int = _field(0, "model", "b of the paper's eq. 7 image-score reweighting (0 = off)",
                                      ge=0, le=64)
     distance: Literal["l2", "squared_l2"] = _field("l2", "model", "l2 (paper) or squared_l2 (official code)")
+    calibration_fraction: float = _field(
+        0.1, "calibration", "fraction of nominal train images held out to set the thresholds (0 = no thresholds)",
+        ge=0, lt=1)
+    calibration_min_images: int = _field(5, "calibration", "fewest train images held out for calibration", ge=1)
+    target_fpr: float = _field(0.05, "calibration", "nominal false-positive rate of the image threshold", gt=0, lt=1)
+    target_pixel_fpr: float = _field(0.01, "calibration", "nominal false-positive rate of the pixel threshold",
+                                     gt=0, lt=1)
     k_images: int = _field(50, "baseline", "SPADE: nearest train images of the image-level kNN", ge=1)
     n_features: int | None = _field(None, "baseline", "PaDiM: channels kept (backbone default)", ge=1)
     batch_size: int = _field(16, "runtime", "images per backbone batch", ge=1, le=1024)

@@ -166,6 +166,8 @@ class Detector(BaseEstimator):
             if np.issubdtype(array.dtype, np.floating) and not mmap and not np.isfinite(array).all():
                 raise IncompatibleModelError(f"{path} holds non-finite values (NaN or infinity)")
             arrays[name] = array
+        # config.json names every file by its sha256: its own digest identifies the whole model.
+        model.model_fingerprint_ = file_digest([directory / CONFIG_FILE])[:16]
         return model, config["state"], arrays
 
 

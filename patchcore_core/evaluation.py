@@ -65,7 +65,7 @@ def evaluate_model(model, listing: CategoryListing, fit: bool, storage_options=N
     predict_seconds = time.perf_counter() - start
     masks = load_masks(listing.test, model.resize, model.image_size, storage_options, check_size=True)
     labels = np.array([s.label for s in listing.test])
-    metrics = compute_metrics(labels, scores, masks, maps)
+    metrics = compute_metrics(labels, scores, masks, maps, calibration=getattr(model, "calibration_", None))
     metrics.update(
         category=listing.category,
         n_train=len(listing.train),
@@ -115,11 +115,16 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of per-category metrics with the mean row, in the paper's Table S1–S3 layout."""
-    cols = ["image_auroc", "pixel_auroc", "au_pro", "misclassified", "fit_seconds", "predict_seconds_per_image"]
+    cols = ["image_auroc", "pixel_auroc", "au_pro", "fpr@calibrated", "tpr@calibrated", "misclassified (oracle F1)",
+            "fit_seconds", "predict_seconds_per_image"]
+    rows = [{**r, "fpr@calibrated": (r.get("operating_point") or {}).get("fpr"),
+             "tpr@calibrated": (r.get("operating_point") or {}).get("tpr"),
+             "misclassified (oracle F1)": r.get("misclassified")} for r in rows]
     body = [[row["category"] + (" (incomplete)" if row.get("incomplete") else ""), *(_fmt(row.get(c)) for c in cols)]
             for row in rows]
     if len(rows) > 1:
-        means = {c: np.mean([r[c] for r in rows if r.get(c) is not None]) for c in cols}
+        present = {c: [r[c] for r in rows if r.get(c) is not None] for c in cols}
+        means = {c: float(np.mean(v)) if v else None for c, v in present.items()}
         body.append(["**mean**", *(_fmt(means[c]) for c in cols)])
     return markdown_table(["category", *cols], body)
 

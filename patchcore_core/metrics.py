@@ -285,11 +285,15 @@ def error_at_full_recall(labels: Any, scores: Any) -> dict[str, float | int]:
     }
 
 
-def compute_metrics(labels: Any, scores: Any, masks: Any = None, maps: Any = None) -> dict[str, Any]:
+def compute_metrics(labels: Any, scores: Any, masks: Any = None, maps: Any = None,
+                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """All evaluation numbers of one test split as a JSON-serialisable dict of plain floats/ints.
 
     Keys: image_auroc, pixel_auroc, au_pro, f1_threshold, f1, misclassified, error_at_full_recall (the
     nominal false positive rate at 100% recall). pixel_auroc and au_pro are None without masks and maps.
+    The F1-optimal figures are an ORACLE (`f1_is_oracle`): their threshold is chosen with the test labels.
+    With the model's `calibration` (thresholds set on held-out nominal train images), `operating_point` holds
+    what a line operator gets: FPR, TPR and precision at the calibrated threshold (pixel FPR/TPR too).
     """
     f1_point = f1_optimal_threshold(labels, scores)
     full_recall = error_at_full_recall(labels, scores)
@@ -301,12 +305,19 @@ def compute_metrics(labels: Any, scores: Any, masks: Any = None, maps: Any = Non
         "f1": f1_point["f1"],
         "misclassified": f1_point["misclassified"],
         "error_at_full_recall": full_recall["false_positive_rate"],
+        "f1_is_oracle": True,
+        "operating_point": None,
     }
     if (masks is None) != (maps is None):
         raise ValueError("pass both masks and maps for pixel metrics, or neither")
     if masks is not None:
         result["pixel_auroc"] = pixel_auroc(masks, maps)
         result["au_pro"] = au_pro(masks, maps)
+    if calibration:
+        from patchcore_core.calibration import operating_point
+
+        result["operating_point"] = operating_point(labels, scores, calibration["threshold"], masks, maps,
+                                                    calibration.get("pixel_threshold"))
     return result
 
 

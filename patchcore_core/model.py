@@ -24,7 +24,7 @@ from patchcore_core.estimator import Detector, Images
 from patchcore_core.features import PatchFeatureAggregator
 from patchcore_core.index import NearestNeighbourIndex
 from patchcore_core.sampler import make_sampler
-from patchcore_core.scoring import anomaly_maps, patch_scores, reweight_weights
+from patchcore_core.scoring import anomaly_maps, patch_scores, reweight_weights, score_stream
 
 __all__ = ["PatchCore"]
 
@@ -55,6 +55,10 @@ class PatchCore(Detector):
         num_neighbors: int = D.num_neighbors,
         reweight_neighbors: int = D.reweight_neighbors,
         distance: str = D.distance,
+        calibration_fraction: float = D.calibration_fraction,
+        calibration_min_images: int = D.calibration_min_images,
+        target_fpr: float = D.target_fpr,
+        target_pixel_fpr: float = D.target_pixel_fpr,
         resize: int | None = D.resize,
         image_size: int = D.image_size,
         index: str = D.index,
@@ -78,6 +82,10 @@ class PatchCore(Detector):
         self.num_neighbors = num_neighbors
         self.reweight_neighbors = reweight_neighbors
         self.distance = distance
+        self.calibration_fraction = calibration_fraction
+        self.calibration_min_images = calibration_min_images
+        self.target_fpr = target_fpr
+        self.target_pixel_fpr = target_pixel_fpr
         self.resize = resize
         self.image_size = image_size
         self.index = index
@@ -149,14 +157,50 @@ class PatchCore(Detector):
                             seed=self.seed, device=str(self._runtime()), progress=self.progress)
 
     def fit_features(self, bank: np.ndarray, grid: tuple[int, int]) -> PatchCore:
-        """Fit from precomputed patch features [N, D] (e.g. read back from Parquet shards)."""
+        """Fit from precomputed patch features [N, D] of whole images (e.g. read back from Parquet shards):
+        calibrate the thresholds on held-out images, then select the coreset of all of them and index it."""
         self._prepare()
+        calibration = self.calibrate(bank, grid)
         selected = self.make_sampler().select(bank)
-        return self.fit_memory_bank(bank[selected], grid, n_train_patches=len(bank))
+        self.fit_memory_bank(bank[selected], grid, n_train_patches=len(bank))
+        return self.set_calibration(calibration)
+
+    def calibrate(self, bank: np.ndarray, grid: tuple[int, int]) -> dict | None:
+        """Thresholds from held-out train images scored against a coreset of the others (None when off).
+
+        `bank` holds whole images in order, h*w rows each; the held-out choice is `calibration.holdout_images`.
+        """
+        from sklearn.base import clone
+
+        from patchcore_core.calibration import holdout_images, thresholds
+
+        per_image = int(grid[0]) * int(grid[1])
+        n_images = len(bank) // per_image
+        held = holdout_images(n_images, self.calibration_fraction, self.calibration_min_images, self.seed)
+        if len(held) == 0:
+            return None
+        rows = np.zeros(n_images, dtype=bool)
+        rows[held] = True
+        rows = np.repeat(rows, per_image)
+        helper = clone(self).set_params(calibration_fraction=0.0, progress=False)
+        helper.fit_features(bank[~rows], grid)
+        feats = bank[rows].reshape(len(held), per_image, -1)
+        scores, maps = score_stream(((None, feats[i : i + self.batch_size]) for i in range(0, len(held),
+                                     self.batch_size)), helper.score_patch_features, len(held), self.image_size)
+        return thresholds(scores, maps, self.target_fpr, self.target_pixel_fpr, n_images - len(held))
+
+    def set_calibration(self, calibration: dict | None) -> PatchCore:
+        """Store calibrated thresholds (`threshold_`, `pixel_threshold_`, `calibration_`; None when off)."""
+        self.calibration_ = calibration
+        self.threshold_ = None if calibration is None else float(calibration["threshold"])
+        self.pixel_threshold_ = None if calibration is None else float(calibration["pixel_threshold"])
+        return self
 
     def fit_memory_bank(self, memory_bank: np.ndarray, grid: tuple[int, int], n_train_patches: int) -> PatchCore:
-        """Set an already-selected memory bank [k, D] and build its search index (no backbone needed)."""
+        """Set an already-selected memory bank [k, D] and build its search index (no backbone needed); thresholds
+        are cleared (`set_calibration` sets them)."""
         self._prepare()
+        self.set_calibration(None)
         self.memory_bank_ = np.ascontiguousarray(memory_bank, dtype=np.float32)
         self.feature_grid_ = (int(grid[0]), int(grid[1]))
         self.n_train_patches_ = int(n_train_patches)
@@ -203,7 +247,8 @@ class PatchCore(Detector):
         """Write config.json + memory_bank.npy + index.faiss (no pickle), atomically as one directory."""
         self.check_fitted()
         state = {"feature_grid": list(self.feature_grid_), "n_train_patches": self.n_train_patches_,
-                 "memory_bank_shape": list(self.memory_bank_.shape)}
+                 "memory_bank_shape": list(self.memory_bank_.shape),
+                 "calibration": getattr(self, "calibration_", None)}
         return self._write_model(directory, {"memory_bank": self.memory_bank_}, state,
                                  extra_files=lambda tmp: self.index_.save(tmp / INDEX_FILE))
 
@@ -218,6 +263,7 @@ class PatchCore(Detector):
         model.memory_bank_ = arrays["memory_bank"]
         model.feature_grid_ = tuple(state["feature_grid"])
         model.n_train_patches_ = state["n_train_patches"]
+        model.set_calibration(state.get("calibration"))
         path = Path(directory) / INDEX_FILE
         try:
             model.index_ = NearestNeighbourIndex.load(path, device=str(model._runtime()))

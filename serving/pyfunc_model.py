@@ -2,8 +2,10 @@
 
 MLflow copies this file into the logged model; the fitted state comes from the model's artifacts:
 `config` (config.json), `memory_bank` (memory_bank.npy: the coreset), `index` (index.faiss) and `serving`
-(serving.json: the decision threshold). Input: a DataFrame with a binary column `image` (encoded PNG/JPEG
-bytes; base64 in JSON requests). Output: `score` (image anomaly score) and `is_anomalous` (score >= threshold).
+(serving.json). Input: a DataFrame with a binary column `image` (encoded PNG/JPEG bytes; base64 in JSON
+requests). Output: `score` (image anomaly score), `threshold` (the model's calibrated threshold, set on
+held-out nominal train images; a positive `threshold` param overrides it) and `is_anomalous`; with the param
+`return_mask=true`, also `mask`: a base64 PNG of the binary mask at the input image's resolution.
 
 A bad request (no `image` column, a null or undecodable image, too many images or pixels) raises an
 `MlflowException` with error code INVALID_PARAMETER_VALUE (HTTP 400) whose message starts with
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import shutil
 import tempfile
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -55,7 +59,8 @@ class PatchCorePyfunc(PythonModel):
             self.serving = json.load(fh)
 
     def _images(self, model_input: pd.DataFrame):
-        """The request's images as one preprocessed tensor [N,3,S,S], each checked before it is decoded."""
+        """(the request's images as one preprocessed tensor [N,3,S,S], their (width, height)); each image is
+        checked before it is decoded."""
         import torch
 
         from patchcore_core.data import decode_bytes, image_tensor
@@ -70,7 +75,7 @@ class PatchCorePyfunc(PythonModel):
         if len(values) > limit:
             raise bad_request(f"{len(values)} images in one request; the limit is {limit} "
                               "(PATCHCORE_SERVE_MAX_IMAGES)")
-        tensors = []
+        tensors, sizes = [], []
         for i, value in enumerate(values):
             name = f"#{i}"
             if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -86,15 +91,43 @@ class PatchCorePyfunc(PythonModel):
                 raise bad_request(f"image {name} must be base64-encoded image bytes, not {type(value).__name__}")
             try:
                 img = decode_bytes(data, name, min_side=True)
+                sizes.append(img.size)
                 tensors.append(image_tensor(img, name, self.model.resize, self.model.image_size))
             except PatchCoreError as exc:
                 raise bad_request(str(exc)) from None
-        return torch.stack(tensors)
+        return torch.stack(tensors), sizes
+
+    def threshold(self, params: dict | None) -> float:
+        """A positive `threshold` param, else the model's calibrated threshold, else serving.json's."""
+        given = float((params or {}).get("threshold") or 0.0)
+        if given > 0:
+            return given
+        calibrated = getattr(self.model, "threshold_", None)
+        return float(calibrated if calibrated is not None else self.serving["threshold"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        threshold = float((params or {}).get("threshold") or self.serving["threshold"])
-        scores, _ = self.model.predict(self._images(model_input))
-        return pd.DataFrame({"score": scores.astype("float32"), "is_anomalous": scores >= threshold})
+        threshold = self.threshold(params)
+        images, sizes = self._images(model_input)
+        scores, maps = self.model.predict(images)
+        out = pd.DataFrame({"score": scores.astype("float32"), "threshold": np.float32(threshold),
+                            "is_anomalous": scores >= threshold})
+        if (params or {}).get("return_mask"):
+            out["mask"] = [self._mask_png(amap, size) for amap, size in zip(maps, sizes, strict=True)]
+        return out
+
+    def _mask_png(self, amap: np.ndarray, size: tuple[int, int]) -> str:
+        """The binary mask (pixel threshold) at the input resolution, as a base64 PNG."""
+        from PIL import Image
+
+        from patchcore_core.prediction import to_input_resolution
+
+        pixel_threshold = getattr(self.model, "pixel_threshold_", None)
+        if pixel_threshold is None:
+            raise bad_request("this model has no calibrated pixel threshold: masks are not available")
+        full = to_input_resolution(amap, size, self.model.resize, self.model.image_size)
+        buf = io.BytesIO()
+        Image.fromarray(((full >= pixel_threshold) * 255).astype(np.uint8), "L").save(buf, "PNG")
+        return base64.b64encode(buf.getvalue()).decode()
 
 
 mlflow.models.set_model(PatchCorePyfunc())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import task
 
 from patchcore_core.config import DetectorParams
-from patchcore_core.stages import baseline, coreset, extract, fetch, index, metrics, score
+from patchcore_core.stages import baseline, calibrate, coreset, extract, fetch, index, metrics, score
 from tasks.common import STAGE_TASK, log, runtime
 from tasks.settings import get_settings
 
@@ -33,9 +33,16 @@ def select_coreset(features: extract.SplitFeatures, params: DetectorParams, work
     return coreset.run(features, params, work_dir, runtime())
 
 
+@task(name="calibrate", task_run_name="calibrate-{features.category}", **STAGE_TASK)
+def calibrate_thresholds(features: extract.SplitFeatures, params: DetectorParams,
+                         work_dir: str) -> calibrate.CalibrationResult:
+    return calibrate.run(features, params, work_dir, runtime())
+
+
 @task(name="index", task_run_name="index-{selected.category}", **STAGE_TASK)
-def build_index(selected: coreset.CoresetResult, params: DetectorParams, work_dir: str) -> index.ModelResult:
-    return index.run(selected, params, work_dir, runtime())
+def build_index(selected: coreset.CoresetResult, params: DetectorParams, work_dir: str,
+                calibration: calibrate.CalibrationResult | None = None) -> index.ModelResult:
+    return index.run(selected, params, work_dir, runtime(), calibration=calibration)
 
 
 @task(name="score", task_run_name="score-{model.category}", **STAGE_TASK)

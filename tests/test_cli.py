@@ -50,8 +50,18 @@ def test_fit_then_predict_and_evaluate_saved_model(demo_root, tmp_path, capsys):
     assert main(["predict", "--model", str(model_dir), "--images", str(images), "--out", str(tmp_path / "p"),
                  "--quiet"]) == 0
     scores = pd.read_parquet(tmp_path / "p" / "predictions.parquet")
-    assert len(scores) == 9
+    assert len(scores) == 9 and scores["error"].isna().all()
     assert np.load(tmp_path / "p" / "anomaly_maps.npy").shape == (9, 64, 64)
+    threshold = json.loads((model_dir / "config.json").read_text())["state"]["calibration"]["threshold"]
+    assert (scores["threshold"] == threshold).all() and (scores["is_anomalous"] == (scores["score"] >= threshold)).all()
+    assert scores["model_fingerprint"].nunique() == 1 and len(scores["model_fingerprint"][0]) == 16
+    from PIL import Image
+
+    for row in scores.itertuples():
+        size = Image.open(row.path).size
+        mask = Image.open(tmp_path / "p" / "masks" / f"{row.name}.png")
+        assert mask.size == size and mask.mode == "L" and set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert Image.open(tmp_path / "p" / "heatmaps" / f"{row.name}.png").size == size
     assert main(["evaluate", "--data", str(demo_root), "--category", "grass", "--model", str(model_dir),
                  "--out", str(tmp_path / "e"), "--quiet"]) == 0
     evaluated = pd.read_parquet(tmp_path / "e" / "predictions.parquet")

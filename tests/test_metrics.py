@@ -238,10 +238,17 @@ def test_compute_metrics_is_json_ready():
         "f1",
         "misclassified",
         "error_at_full_recall",
+        "f1_is_oracle",
+        "operating_point",
     }
-    assert result["pixel_auroc"] == 1.0 and result["au_pro"] == 1.0
-    assert all(type(v) in (float, int) for v in result.values())
+    assert result["pixel_auroc"] == 1.0 and result["au_pro"] == 1.0 and result["f1_is_oracle"] is True
+    assert result["operating_point"] is None  # no calibration given: no operating point to report
+    assert all(type(v) in (float, int) for k, v in result.items() if k not in ("f1_is_oracle", "operating_point"))
     json.dumps(result)
+    calibration = {"threshold": 0.5, "pixel_threshold": 0.5}
+    calibrated = compute_metrics(np.array(LABELS), SCORES, masks, maps, calibration=calibration)
+    json.dumps(calibrated)
+    assert calibrated["operating_point"]["threshold"] == 0.5 and calibrated["operating_point"]["pixel_tpr"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -132,7 +132,7 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
     from patchcore_core.data import list_category
     from patchcore_core.model import PatchCore
     from patchcore_core.runtime import Runtime
-    from patchcore_core.stages import coreset, extract, fetch, index, metrics, score
+    from patchcore_core.stages import calibrate, coreset, extract, fetch, index, metrics, score
 
     work = tmp_path / "work"
     fetched = fetch.run(str(pipeline_dataset), "brick", work)
@@ -143,7 +143,8 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
     assert len(train.shards) == 3 and train.n_written == 3  # 8 images in shards of 3
     selected = coreset.run(train, params, work, cpu)
     assert selected.n_train_patches == 8 * 64 and selected.n_selected == int(8 * 64 * 0.25)
-    model = index.run(selected, params, work, cpu)
+    calibration = calibrate.run(train, params, work, cpu)
+    model = index.run(selected, params, work, cpu, calibration=calibration)
     scored = score.run(model, test, fetched, work, cpu)
 
     listing = list_category(fetched.root, "brick")
@@ -151,7 +152,11 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
     ref_scores, ref_maps = reference.predict([s.path for s in listing.test])
     import pandas as pd
 
-    np.testing.assert_array_equal(reference.memory_bank_, PatchCore.load(model.model_dir).memory_bank_)
+    loaded = PatchCore.load(model.model_dir)
+    np.testing.assert_array_equal(reference.memory_bank_, loaded.memory_bank_)
+    # The thresholds too: the same held-out train images, the same calibration bank, the same quantiles.
+    assert calibration.calibration["n_holdout_images"] == 4 and reference.calibration_ == loaded.calibration_
+    assert loaded.threshold_ == reference.threshold_ and loaded.pixel_threshold_ == reference.pixel_threshold_
     preds = pd.read_parquet(scored.predictions)
     assert list(preds.columns) == list(score.PREDICTION_COLUMNS)
     np.testing.assert_array_equal(preds["score"].to_numpy(), ref_scores)
@@ -160,7 +165,9 @@ def test_stages_equal_patchcore_fit_predict(pipeline_dataset, tmp_path):
     evaluated = metrics.run(scored, fetched, model, work)
     assert set(evaluated.figures) == {"roc_pr", "pro_curve", "overlays_worst", "overlays_best"}
     saved = json.loads(open(evaluated.metrics_path).read())
-    assert {"image_auroc", "pixel_auroc", "au_pro", "f1_threshold"} <= set(saved)
+    assert {"image_auroc", "pixel_auroc", "au_pro", "f1_threshold"} <= set(saved) and saved["f1_is_oracle"]
+    assert saved["operating_point"]["threshold"] == reference.threshold_
+    assert {"fpr", "tpr", "precision", "pixel_fpr", "pixel_tpr"} <= set(saved["operating_point"])
 
     # Every result is JSON: what a task returns and the next one takes.
     assert type(scored).model_validate_json(scored.model_dump_json()) == scored

@@ -123,16 +123,21 @@ def select_from_shards(
     config: dict[str, Any],
     device: str = "auto",
     num_threads: int | None = None,
+    exclude_images: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(selected global indices [k] in selection order, memory bank [k, D], info) for the coreset settings
-    `config` (coreset_method, coreset_ratio, projection_dim, seed), matching `PatchCore.fit_features`."""
+    `config` (coreset_method, coreset_ratio, projection_dim, seed), matching `PatchCore.fit_features`.
+
+    `exclude_images` (image indices) leaves those images' rows out of the candidates, as calibration needs.
+    """
     from patchcore_core.runtime import configure_threads, resolve_device
 
     if num_threads is not None:
         configure_threads(num_threads)
     dev = str(resolve_device(device))
     method = config["coreset_method"]
-    n = shard_io.count_rows(paths)
+    keep = _rows_kept(paths, exclude_images)
+    n = int(keep.sum())
     sampler = sampler_lib.make_sampler(method, config["coreset_ratio"], projection_dim=config["projection_dim"],
                                        seed=config["seed"], device=dev, progress=False)
     info: dict[str, Any] = {"method": method, "n_rows": int(n)}
@@ -141,13 +146,24 @@ def select_from_shards(
         dtype = getattr(sampler, "dtype", "float32")  # project exactly as the sampler itself would
         extra = {} if dtype == "float32" else {"dtype": dtype}
         projected = project_shards(paths, lambda rows: sampler_lib.jl_projection(rows, projection_dim, seed, **extra))
+        projected = projected if n == len(keep) else projected[keep]  # the projection is row-wise: filter after
         if projected.shape[1] > projection_dim:  # jl_projection's contract; checked, never assumed
             raise ValueError(f"jl_projection returned {projected.shape[1]} > {projection_dim} columns")
         info["projected_dim"] = int(projected.shape[1])
         selected = np.asarray(sampler.select(projected), dtype=np.int64)
     else:
         selected = np.asarray(sampler.select(_RowCount(n)), dtype=np.int64)
+    if n != len(keep):
+        selected = np.flatnonzero(keep)[selected]  # candidate positions → global row numbers
     return selected, gather_rows(paths, selected), info
+
+
+def _rows_kept(paths: Sequence[str | os.PathLike], exclude_images: np.ndarray | None) -> np.ndarray:
+    """Boolean [N]: the rows whose image is not excluded (all rows when nothing is)."""
+    if exclude_images is None or len(exclude_images) == 0:
+        return np.ones(shard_io.count_rows(paths), dtype=bool)
+    groups = [g["image_index"] for g in shard_io.iter_row_groups(paths, ("image_index",))]
+    return ~np.isin(np.concatenate(groups), np.asarray(exclude_images))
 
 
 class _RowCount:

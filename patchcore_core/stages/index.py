@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from patchcore_core.artifacts import INDEX_FILE, StageDir, fingerprint
 from patchcore_core.config import DetectorParams
 from patchcore_core.runtime import DEFAULT_RUNTIME, Runtime
+from patchcore_core.stages.calibrate import CalibrationResult
 from patchcore_core.stages.coreset import CoresetResult, read_coreset
 
 __all__ = ["ModelResult", "run"]
@@ -27,17 +28,20 @@ class ModelResult(BaseModel):
 
 
 def run(coreset: CoresetResult, params: DetectorParams, work_dir: str | os.PathLike,
-        runtime: Runtime = DEFAULT_RUNTIME) -> ModelResult:
-    """Index the coreset with the `model` settings (faiss kind, neighbours, eq. 7, distance) and save the model."""
+        runtime: Runtime = DEFAULT_RUNTIME, calibration: CalibrationResult | None = None) -> ModelResult:
+    """Index the coreset with the `model` settings (faiss kind, neighbours, eq. 7, distance) and save the model,
+    with the calibrated thresholds when given."""
     from patchcore_core.baselines import make_detector
 
     out = StageDir.of(Path(work_dir) / "stages", coreset.category, "index",
-                      fingerprint("index", params.stage_params("model"), coreset.fingerprint))
+                      fingerprint("index", params.stage_params("model"), coreset.fingerprint,
+                                  calibration.fingerprint if calibration else None))
     if (done := out.finished()) is not None:
         return ModelResult(**done)
     _, bank = read_coreset(coreset.path)
     model = make_detector("patchcore", strict=False, **params.estimator_params(), **runtime.estimator_kwargs())
     model.fit_memory_bank(bank, tuple(coreset.grid), coreset.n_train_patches)
+    model.set_calibration(calibration.calibration if calibration else None)
     model_dir = model.save(out / "model")
     result = ModelResult(category=coreset.category, model_dir=str(model_dir), fingerprint=out.fingerprint,
                          params=params.model_dump())

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from patchcore_core.artifacts import METRICS_FILE, StageDir, atomic_write, fingerprint
+from patchcore_core.artifacts import CONFIG_FILE, METRICS_FILE, StageDir, atomic_write, fingerprint
 from patchcore_core.data import load_images
 from patchcore_core.stages.fetch import FetchResult
 from patchcore_core.stages.index import ModelResult
@@ -43,14 +43,15 @@ def run(scores: ScoreResult, fetched: FetchResult, model: ModelResult, work_dir:
 
     category = scores.category
     out = StageDir.of(Path(work_dir) / "stages", category, "metrics",
-                      fingerprint("metrics", scores.fingerprint, n_cases, title))
+                      fingerprint("metrics", scores.fingerprint, model.fingerprint, n_cases, title))
     if (done := out.finished()) is not None:
         return MetricsResult(**done)
     preds = pd.read_parquet(scores.predictions)
     maps = np.load(scores.maps, mmap_mode="r", allow_pickle=False)
     masks = np.load(scores.masks, mmap_mode="r", allow_pickle=False)
     labels, values = preds["label"].to_numpy(), preds["score"].to_numpy()
-    metrics = compute_metrics(labels, values, masks, maps)
+    calibration = json.loads((Path(model.model_dir) / CONFIG_FILE).read_text())["state"].get("calibration")
+    metrics = compute_metrics(labels, values, masks, maps, calibration=calibration)
     metrics.update(category=category, n_test=int(len(preds)), n_anomalous=int(labels.sum()),
                    predict_seconds_per_image=scores.seconds_per_image)
     title = title or category

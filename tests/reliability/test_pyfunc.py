@@ -61,7 +61,18 @@ def test_bad_inputs_raise_a_one_line_client_error(pyfunc, frame, expected):
     assert expected in err.value.message and "\n" not in err.value.message
 
 
-def test_good_input_is_scored(pyfunc, dataset):
-    images = [p.read_bytes() for p in sorted((dataset / "brick" / "test").rglob("*.png"))[:3]]
-    out = pyfunc.predict(None, pd.DataFrame({"image": images}))
-    assert list(out.columns) == ["score", "is_anomalous"] and len(out) == 3
+def test_good_input_is_scored_with_the_calibrated_threshold(pyfunc, dataset):
+    import base64
+
+    import numpy as np
+
+    paths = sorted((dataset / "brick" / "test").rglob("*.png"))[:3]
+    out = pyfunc.predict(None, pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    assert list(out.columns) == ["score", "threshold", "is_anomalous"] and len(out) == 3
+    assert out["threshold"].iloc[0] == np.float32(pyfunc.model.threshold_)  # not serving.json's 1.0
+    assert (out["is_anomalous"] == (out["score"] >= pyfunc.model.threshold_)).all()
+    forced = pyfunc.predict(None, pd.DataFrame({"image": [paths[0].read_bytes()]}), {"threshold": 1e9})
+    assert not forced["is_anomalous"].iloc[0] and forced["threshold"].iloc[0] == np.float32(1e9)
+    masked = pyfunc.predict(None, pd.DataFrame({"image": [paths[0].read_bytes()]}), {"return_mask": True})
+    mask = Image.open(io.BytesIO(base64.b64decode(masked["mask"].iloc[0])))
+    assert mask.size == Image.open(paths[0]).size and mask.mode == "L"
