@@ -19,7 +19,7 @@ import torch
 from patchcore_core.artifacts import BANK_FILE, INDEX_FILE
 from patchcore_core.backbones import FeatureExtractor, get_spec
 from patchcore_core.config import DEFAULTS as D
-from patchcore_core.errors import IncompatibleModelError
+from patchcore_core.errors import DataError, IncompatibleModelError
 from patchcore_core.estimator import Detector, Images
 from patchcore_core.features import PatchFeatureAggregator
 from patchcore_core.index import NearestNeighbourIndex
@@ -209,6 +209,52 @@ class PatchCore(Detector):
             self.index, device=str(self.device_), seed=self.seed)
         self.index_ = index.fit(self.memory_bank_)
         return self
+
+    def extend(self, images: Images | None = None, features: np.ndarray | None = None) -> PatchCore:
+        """Add new nominal images to a fitted model without a full retrain (incremental memory bank).
+
+        `images` (paths or a preprocessed tensor, as `fit` takes) are embedded; or give their patch `features`
+        ([M, D] or [B, h*w, D], e.g. read back from shards). The greedy coreset is continued: the current bank
+        is the already-selected set, the new patches are the candidates (`sampler.continue_select`: same
+        seeded JL projection, exact farthest-point steps) and k = int(ratio·M) of them (at least 1) are
+        chosen, the rule `fit` uses. A sampler without `continue_select` selects among the new patches alone
+        (`random`: a seeded random subset at the ratio; `none`: all of them). The chosen rows are appended
+        (the old bank stays a prefix), `n_train_patches_` grows by M, and the index is rebuilt through
+        `fit_memory_bank` (so an injected `nn_index` is honoured). The calibrated thresholds are kept: a larger
+        bank only lowers nominal scores, so their false-positive rate stays at most the target; refit to
+        recalibrate. Returns self.
+        """
+        self.check_fitted()
+        if (images is None) == (features is None):
+            raise ValueError("extend takes either images or features, not both and not neither")
+        self._prepare(images)
+        if images is not None:
+            if len(images) == 0:
+                raise ValueError("extend needs at least one image")
+            parts = []
+            for feats, grid in self.iter_features(images, desc="extend: features"):
+                if tuple(grid) != tuple(self.feature_grid_):
+                    raise DataError(f"extend: the new images give a {grid[0]}x{grid[1]} feature grid, the model was "
+                                    f"fitted on {self.feature_grid_[0]}x{self.feature_grid_[1]} (another image size?)")
+                parts.append(feats.reshape(-1, feats.shape[2]))
+            new = np.concatenate(parts)
+        else:
+            new = np.asarray(features, dtype=np.float32)
+            new = new.reshape(-1, new.shape[-1]) if new.ndim == 3 else new
+        if new.ndim != 2 or len(new) == 0 or new.shape[1] != self.memory_bank_.shape[1]:
+            raise DataError(f"extend: new patch features must be [M, {self.memory_bank_.shape[1]}] with M >= 1, "
+                            f"got shape {tuple(new.shape)}")
+        if not np.isfinite(new).all():
+            raise DataError("extend: new patch features contain NaN or inf")
+        sampler = self.make_sampler()
+        if hasattr(sampler, "continue_select"):
+            chosen = sampler.continue_select(self.memory_bank_, new)
+        else:
+            chosen = sampler.select(new)
+        bank = np.concatenate([self.memory_bank_, new[np.asarray(chosen, dtype=np.int64)]])
+        calibration = self.calibration_
+        self.fit_memory_bank(bank, self.feature_grid_, self.n_train_patches_ + len(new))
+        return self.set_calibration(calibration)
 
     # ----------------------------------------------------------------- predict
     def score_features(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -590,6 +590,31 @@ class GreedyCoresetSampler:
 
         return resolve_device(self.device)
 
+    def continue_select(self, selected: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Continue the greedy selection: `selected` [S, D] rows are already chosen (e.g. a fitted memory bank),
+        `features` [N, D] are new candidates. Returns indices [k] into `features` in selection order, with
+        k = int(N·ratio) (at least 1) as `select` computes it; all N when that is N.
+
+        Both sets go through this sampler's seeded JL projection (the same matrix as `select`), so distances
+        are in the space the original selection used; the continuation itself is `continue_greedy`. Sets
+        `min_distances_` (per new feature, distance to the nearest row of selected ∪ chosen, projected space)
+        and `coverage_radius_` (their maximum).
+        """
+        n = len(features)
+        if n == 0:
+            raise DataError("cannot extend a coreset with an empty feature bank")
+        k = _coreset_size(n, self.ratio)
+        if k >= n:  # ratio 1: every new feature (as `select` keeps the whole bank)
+            chosen = np.arange(n, dtype=np.int64)
+            self.min_distances_ = np.zeros(n)
+        else:
+            zs = jl_projection(np.asarray(selected), self.projection_dim, self.seed, self.dtype)
+            zc = jl_projection(np.asarray(features), self.projection_dim, self.seed, self.dtype)
+            chosen, self.min_distances_ = _continue_greedy(zs, zc, k, self.num_starts, self.seed,
+                                                           str(self._device()), self.progress)
+        self.coverage_radius_ = float(self.min_distances_.max())
+        return chosen
+
 
 def _fix_never_improved(grid: torch.Tensor, chosen: np.ndarray, d: np.ndarray, d0: np.ndarray) -> np.ndarray:
     """Replace d of points no centre ever improved (d is still the start heuristic) by the true distance.
@@ -644,3 +669,160 @@ def make_sampler(method: str, ratio: float, **kwargs):
     if method == "none":
         return IdentitySampler()
     raise ValueError(f"coreset method must be 'greedy', 'random' or 'none', got {method!r}")
+
+
+# ------------------------------------------------------------------------------- incremental continuation
+def continue_greedy(selected: np.ndarray, candidates: np.ndarray, k: int, num_starts: int = 10, seed: int = 0,
+                    device: str = "cpu", progress: bool = False) -> np.ndarray:
+    """Greedy k-center continued from an already-selected set; indices [k] into `candidates`, selection order.
+
+    `selected` [S, d] (S ≥ 1) and `candidates` [N, d] are already projected into one space (e.g. both by
+    `jl_projection` with the same seed). Both are snapped to one exact grid (`to_exact_grid` of the union);
+    every candidate starts at its exact distance to the nearest selected row, then k times
+    c = argmax d (first index on ties), d = min(d, ‖z − z_c‖). On the grid every squared distance is an exact
+    float64, so the result is bit for bit the brute-force float64 farthest-point traversal seeded with the
+    selected set (numba CPU path and CUDA; the CPU torch fallback steps with torch's float64 sqrt, which on
+    some CPUs is not correctly rounded, so a near-tie may resolve differently there). Memory is O(S + N): the
+    nearest-selected distances use anchor groups with triangle-inequality pruning (numba) or blocks of at most
+    2^22 distances (torch); never an N×S or N×k matrix.
+    `num_starts`/`seed` only choose the anchor groups of the pruned kernel (they do not change the result).
+    """
+    return _continue_greedy(selected, candidates, k, num_starts, seed, device, progress)[0]
+
+
+def _continue_greedy(selected, candidates, k: int, num_starts: int, seed: int, device: str, progress: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen indices [k], final distance [N] of each candidate to selected ∪ chosen, in input units)."""
+    sel, cand = np.asarray(selected), np.asarray(candidates)
+    if sel.ndim != 2 or cand.ndim != 2 or sel.shape[1] != cand.shape[1]:
+        raise DataError(f"continue_greedy needs [S, d] and [N, d] arrays, got {sel.shape} and {cand.shape}")
+    if len(sel) == 0 or len(cand) == 0:
+        raise DataError("continue_greedy needs at least one selected row and one candidate")
+    n = len(cand)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}] (the number of candidates), got {k}")
+    grid, scale = to_exact_grid(np.concatenate([sel, cand]))
+    zs, zc = np.ascontiguousarray(grid[: len(sel)]), np.ascontiguousarray(grid[len(sel) :])
+    from patchcore_core.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cpu" and HAVE_NUMBA:
+        d0 = _nearest_numba(zs, zc)
+    else:
+        d0 = np.sqrt(_nearest_sq_torch(torch.from_numpy(zs).to(dev), torch.from_numpy(zc).to(dev)).cpu().numpy())
+    if k == 0:
+        return np.empty(0, dtype=np.int64), d0 * scale
+    zc_t = torch.from_numpy(zc)
+    if dev.type == "cpu" and HAVE_NUMBA:
+        starts = _start_indices(n, num_starts, seed)  # anchors of the pruning groups only
+        _, r0, a0 = _initial_state(zc_t, starts)
+        chosen, d = _greedy_numba(zc, k, starts, d0, r0.numpy(), a0.numpy(), progress)
+    else:
+        chosen, d = _greedy_torch(zc_t.to(dev), k, torch.from_numpy(d0), progress)
+    return chosen, d * scale
+
+
+def _nearest_sq_torch(zs: torch.Tensor, zc: torch.Tensor, block: int = 2**22) -> torch.Tensor:
+    """Exact float64 *squared* distance of every grid row of `zc` to its nearest grid row of `zs`, in blocks of
+    ≤ `block` distances (the GEMM form is exact on the grid). The caller takes np.sqrt: torch's CPU float64
+    sqrt (SLEEF, 0.5001 ulp) is not always correctly rounded, numpy's is."""
+    sb = min(len(zs), 2**16)
+    rows = max(1, block // sb)
+    out = torch.full((len(zc),), math.inf, dtype=torch.float64, device=zc.device)
+    for lo in range(0, len(zc), rows):
+        c = zc[lo : lo + rows].to(torch.float64)
+        csq = (c * c).sum(1, keepdim=True)
+        for so in range(0, len(zs), sb):
+            s = zs[so : so + sb].to(torch.float64)
+            d2 = csq - 2.0 * (c @ s.T) + (s * s).sum(1)
+            out[lo : lo + rows] = torch.minimum(out[lo : lo + rows], d2.min(1).values)
+    return out.clamp_(min=0.0)
+
+
+def _spread_anchors(zs: np.ndarray, count: int) -> np.ndarray:
+    """`count` well-spread row indices of `zs` (farthest-point from row 0, float32; only a pruning heuristic)."""
+    z = torch.from_numpy(zs)
+    sq = (z * z).sum(1)
+    d = torch.full((len(zs),), math.inf)
+    out = np.empty(count, dtype=np.int64)
+    c = 0
+    for t in range(count):
+        out[t] = c
+        torch.minimum(d, (sq - 2.0 * (z @ z[c]) + sq[c]).clamp_(min=0.0), out=d)
+        d[torch.as_tensor(out[: t + 1])] = -1.0  # never the same row twice
+        c = int(torch.argmax(d))
+    return out
+
+
+def _nearest_numba(zs: np.ndarray, zc: np.ndarray) -> np.ndarray:
+    """Exact float64 nearest-`zs` distance of every `zc` row (grid values): the rows of `zs` are grouped by the
+    nearest of ~√S spread anchors; a candidate visits groups nearest-anchor first and skips a group, or a row,
+    when the triangle inequality proves it cannot beat the best distance so far."""
+    s = len(zs)
+    anchors = _spread_anchors(zs, min(s, max(1, int(math.sqrt(s)))))  # √S: fastest of 0.25–8 √S on CNN patches
+    za = torch.from_numpy(zs[anchors]).to(torch.float64)
+    assign, r = np.empty(s, dtype=np.int64), np.empty(s)
+    for lo in range(0, s, 65536):  # exact on the grid (float64 GEMM form)
+        b = torch.from_numpy(zs[lo : lo + 65536]).to(torch.float64)
+        d2 = (b * b).sum(1, keepdim=True) - 2.0 * (b @ za.T) + (za * za).sum(1)
+        m, a = d2.min(1)
+        assign[lo : lo + len(b)], r[lo : lo + len(b)] = a.numpy(), np.sqrt(m.clamp_(min=0.0).numpy())
+    order = np.lexsort((-r, assign))  # grouped by anchor, each group by r descending
+    counts = np.bincount(assign, minlength=len(anchors))
+    gstart = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rg = np.ascontiguousarray(r[order])
+    gmax = np.where(counts > 0, rg[np.minimum(gstart, s - 1)], -math.inf)
+    out = np.empty(len(zc))
+    _nearest_pruned(zc, np.ascontiguousarray(zs[anchors]), np.ascontiguousarray(zs[order]), rg, gstart,
+                    counts.astype(np.int64), gmax, out)
+    return out
+
+
+if HAVE_NUMBA:
+
+    @numba.njit(fastmath=_FM, cache=True)
+    def _nearest_pruned(zc, za, zg, rg, gstart, glen, gmax, out):
+        """out[i] = exact min distance of zc[i] to the rows zg (grouped by anchor za[g], r = rg, max r = gmax).
+
+        Squared distances are exact sums on the grid; only the pruning bounds use sqrt, with a relative slack
+        of _EPS, so a skipped row can never have been closer."""
+        n, dim = zc.shape
+        na = za.shape[0]
+        da = np.empty(na)
+        rmax = 0.0
+        for g in range(na):
+            rmax = max(rmax, gmax[g])
+        for i in range(n):
+            best2 = np.inf
+            for g in range(na):  # anchors are rows of the set: they bound the answer from above
+                acc = 0.0
+                for j in range(dim):
+                    df = np.float64(zc[i, j]) - np.float64(za[g, j])
+                    acc += df * df
+                da[g] = math.sqrt(acc)
+                best2 = min(best2, acc)
+            best = math.sqrt(best2)
+            visit = np.argsort(da)
+            for u in range(na):
+                g = visit[u]
+                dg = da[g]
+                slack = _EPS * (dg + best)
+                if dg - rmax > best + slack:  # groups come by increasing dg: no later one can do better
+                    break
+                if glen[g] == 0 or dg - gmax[g] > best + slack:
+                    continue
+                for p in range(gstart[g], gstart[g] + glen[g]):
+                    rp = rg[p]
+                    if rp > dg + best + slack:  # d(x, y) >= |rp - dg|
+                        continue
+                    if rp < dg - best - slack:  # r descending: every later row is farther still
+                        break
+                    acc = 0.0
+                    for j in range(dim):
+                        df = np.float64(zc[i, j]) - np.float64(zg[p, j])
+                        acc += df * df
+                    if acc < best2:
+                        best2 = acc
+                        best = math.sqrt(acc)
+                        slack = _EPS * (dg + best)
+            out[i] = math.sqrt(best2)
