@@ -8,7 +8,7 @@ export PATCHCORE_THREADS ?= 2
 # Passive OpenMP waits: spinning torch/faiss threads stall badly when the cores are shared (measured 10-15x).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow docs-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow
+
+# Every command of the real set-up in docs/pipeline.md, servers on loopback (about 4 minutes; CI runs it).
+docs-check: $(STAMP)
+	$(PY) scripts/docs_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check patchcore_core tasks flows tests bench

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     # The ephemeral server migrates a fresh database on first start: give a busy 2-core machine time.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Offline and local: no usage telemetry from the ephemeral Prefect server or from MLflow (their attempts
+    # print "Failed to send telemetry" errors with no network). Users may still turn them on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
 
     data_url = args.data_url
     if data_url is None:

@@ -22,14 +22,18 @@ from patchcore_core.stages.fetch import FetchResult
 from patchcore_core.stages.index import ModelResult
 from patchcore_core.stages.metrics import MetricsResult
 from patchcore_core.stages.score import ScoreResult
+from tasks.gc import sweep_dead_runs_task
 from tasks.paper_report import publish_report, run_report_grid
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
+    Champion,
     PromotionDecision,
+    champion_version,
     current_champion,
     decide_promotion,
     log_promotion,
+    promotion_lock,
     set_alias,
 )
 from tasks.reporting import publish_benchmark, publish_promotions
@@ -100,12 +104,12 @@ def train_and_evaluate(
 @flow(name="benchmark-category", flow_run_name="benchmark-{category}", result_serializer="json")
 def benchmark_category(
     data_url: str, category: str, config: DetectorParams, work_dir: str, parent_run_id: str,
-    experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
+    experiment: str = BENCHMARK_EXPERIMENT, register_models: bool = True,
 ) -> CategoryRun:
     with tracked_run(work_dir, experiment, category, parent_run_id=parent_run_id,
                      tags={"category": category}) as run_id:
         out = train_and_evaluate(data_url, data_url, category, config, work_dir)
-        register_as = registered_model_name(category) if register and config.method == "patchcore" else None
+        register_as = registered_model_name(category) if register_models and config.method == "patchcore" else None
         return log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
                             register_as=register_as)
 
@@ -113,19 +117,21 @@ def benchmark_category(
 @flow(name="full-benchmark", result_serializer="json")
 def full_benchmark(
     data_url: str, categories: list[str] | None = None, config: DetectorParams | None = None,
-    work_dir: str | None = None, experiment: str = BENCHMARK_EXPERIMENT, register: bool = True,
+    work_dir: str | None = None, experiment: str = BENCHMARK_EXPERIMENT, register_models: bool = True,
 ) -> list[CategoryRun]:
     """Every category under `data_url` (or the given ones): one MLflow parent run, one nested run each."""
     logger = get_run_logger()
     config = config or DetectorParams()
     work = str(get_settings().resolve_work_dir(work_dir))
+    sweep_dead_runs_task(work)  # runs a killed process left RUNNING: FAILED (MLflow) and Crashed (Prefect)
     categories = categories or list_categories(data_url)
     parent = start_run(work, experiment, "full-benchmark", params={"data_url": data_url, "categories": categories,
                                                                    **config.model_dump()})
     per_category = benchmark_category
     runs, failed = [], []
     for category in categories:
-        state = per_category(data_url, category, config, work, parent, experiment, register, return_state=True)
+        state = per_category(data_url, category, config, work, parent, experiment, register_models,
+                             return_state=True)
         if state.is_completed():
             runs.append(state.result())
         else:
@@ -139,31 +145,51 @@ def full_benchmark(
     return runs
 
 
+def evaluate_champion(champion: Champion, canary: FetchResult, category: str, work_dir: str) -> MetricsResult:
+    """Re-score the champion on today's canary set with its own settings (stages keyed on its model bytes)."""
+    champion_test = extract_features(canary, champion.config, work_dir, split="test")
+    champion_scores = score_test_split(champion.model, champion_test, canary, work_dir)
+    return compute_metrics(champion_scores, canary, champion.model, work_dir,
+                           title=f"{category} champion v{champion.version}")
+
+
 @flow(name="retrain-category", flow_run_name="retrain-{category}", result_serializer="json")
 def retrain_category(
     data_url: str, canary_url: str, category: str, config: DetectorParams, work_dir: str, parent_run_id: str,
     experiment: str = RETRAIN_EXPERIMENT, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> PromotionDecision:
-    """Train, evaluate on the canary set, register as challenger; promote to champion unless it is worse."""
+    """Train, evaluate on the canary set, register as challenger; promote to champion unless it is worse.
+
+    The promotion is a compare-and-set: the champion is re-scored outside the lock (the slow part), then inside
+    `promotion_lock` the champion is read again and, if another run moved it meanwhile, the new champion is
+    re-scored on the same canary set before the decision; the alias moves before the lock is released.
+    """
+    logger = get_run_logger()
     name = registered_model_name(category)
     with tracked_run(work_dir, experiment, category, parent_run_id=parent_run_id,
                      tags={"category": category, "canary_url": canary_url}) as run_id:
         out = train_and_evaluate(data_url, canary_url, category, config, work_dir)
         logged = log_category(work_dir, run_id, config, out.fetched, out.model, out.scores, out.evaluation,
-                              register_as=name)
+                              register_as=name, canary=out.canary)
         set_alias(work_dir, name, CHALLENGER, logged.registered_version)
         champion = current_champion(work_dir, name, category)
-        champion_eval = None
-        if champion is not None:  # re-score the champion on today's canary set, with its own settings
-            champion_test = extract_features(out.canary, champion.config, work_dir, split="test")
-            champion_scores = score_test_split(champion.model, champion_test, out.canary, work_dir)
-            champion_eval = compute_metrics(champion_scores, out.canary, champion.model, work_dir,
-                                            title=f"{category} champion v{champion.version}")
-        decision = decide_promotion(name, out.evaluation, logged.registered_version, champion_eval,
-                                    champion.version if champion else None, metric, min_delta)
-        log_promotion(work_dir, run_id, decision)
-        if decision.promote:
-            set_alias(work_dir, name, CHAMPION, logged.registered_version)
+        champion_eval = evaluate_champion(champion, out.canary, category, work_dir) if champion else None
+        with promotion_lock(name):
+            now = champion_version(work_dir, name)
+            compared = champion.version if champion else None
+            if now != compared:
+                logger.info(f"promotion of {name}: the champion moved from {compared and 'v' + compared} to "
+                            f"{now and 'v' + now} since the comparison; comparing again on the same canary set")
+                champion = current_champion(work_dir, name, category)
+                champion_eval = evaluate_champion(champion, out.canary, category, work_dir) if champion else None
+            decision = decide_promotion(name, out.evaluation, logged.registered_version, champion_eval,
+                                        champion.version if champion else None, metric, min_delta)
+            decision = decision.model_copy(update={"recompared": now != compared})
+            if decision.promote:
+                set_alias(work_dir, name, CHAMPION, logged.registered_version)
+        logger.info(decision.summary())
+        log_promotion(work_dir, run_id, decision, out.evaluation.metrics,
+                      champion_eval.metrics if champion_eval is not None else None)
     return decision
 
 
@@ -178,6 +204,7 @@ def nightly_retrain(
     if config.method != "patchcore":
         raise ValueError(f"nightly-retrain registers PatchCore models only, not method={config.method!r}")
     work = str(get_settings().resolve_work_dir(work_dir))
+    sweep_dead_runs_task(work)  # runs a killed process left RUNNING: FAILED (MLflow) and Crashed (Prefect)
     categories = categories or list_categories(data_url)
     canary = canary_url or data_url
     params = {"product_line": product_line, "data_url": data_url, "canary_url": canary, "categories": categories,

@@ -1,9 +1,17 @@
-"""Model registry tasks: aliases (`challenger`, `champion`), the current champion, and the promotion rule."""
+"""Model registry tasks: aliases (`challenger`, `champion`), the current champion, and the promotion rule.
+
+Promotion is a compare-and-set: `promotion_lock(name)` (a Prefect global concurrency limit of one slot per
+registered model, on the Prefect server every worker shares) lets one promotion of a model run at a time, and
+inside it the flow re-reads the champion; if it moved since the challenger was compared, the challenger is
+compared again with the new champion on the same canary set before the alias moves.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -16,6 +24,7 @@ from patchcore_core.artifacts import CONFIG_FILE, MODEL_FILES
 from patchcore_core.config import DetectorParams
 from patchcore_core.stages.index import ModelResult
 from patchcore_core.stages.metrics import MetricsResult
+from tasks.locks import PROMOTION_LOCK_TIMEOUT_S, promotion_lock, promotion_lock_name  # noqa: F401 - re-exported
 from tasks.tracking import MLFLOW_TASK, client_for
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -44,6 +53,14 @@ class PromotionDecision(BaseModel):
     champion_version: str | None = None
     champion_value: float | None = None
     reason: str
+    decided_at: str = ""  # UTC time the decision was taken, inside the promotion lock
+    recompared: bool = False  # the champion moved while the challenger was evaluated: compared again in the lock
+
+    def summary(self) -> str:
+        verdict = "promote" if self.promote else "keep the champion"
+        champion = f"v{self.champion_version}" if self.champion_version else "none"
+        return (f"promotion of {self.registered_model}: {verdict} (challenger v{self.challenger_version}, champion "
+                f"{champion}; {self.reason}; rule: {self.rule})")
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str):
@@ -55,6 +72,13 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         raise
 
 
+@task(name="registry-champion-version", **MLFLOW_TASK)
+def champion_version(work_dir: str, name: str) -> str | None:
+    """The version behind `champion` now (None when there is none): what the promotion compares against."""
+    version = _alias_version(client_for(work_dir), name, CHAMPION)
+    return None if version is None else str(version.version)
+
+
 @task(name="registry-current-champion", **MLFLOW_TASK)
 def current_champion(work_dir: str, name: str, category: str) -> Champion | None:
     """The `champion` version of `name` (None when there is none), with its model folder downloaded locally."""
@@ -62,20 +86,28 @@ def current_champion(work_dir: str, name: str, category: str) -> Champion | None
     version = _alias_version(client, name, CHAMPION)
     if version is None:
         return None
-    target = Path(work_dir) / "champions" / name / f"v{version.version}"
+    # Keyed on the version's run too: a version number names another model once a registry is recreated, or
+    # when one work dir serves two tracking servers.
+    target = Path(work_dir) / "champions" / name / f"v{version.version}-{(version.run_id or 'norun')[:12]}"
     model_dir = target / "model"
     if not (model_dir / CONFIG_FILE).is_file():
-        download = target / "download"
-        shutil.rmtree(download, ignore_errors=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                         dst_path=str(download)))
-        tmp = target / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for file in MODEL_FILES:
-            shutil.copy2(local / "artifacts" / file, tmp / file)
-        tmp.rename(model_dir)
-        shutil.rmtree(download, ignore_errors=True)
+        # A private temporary folder per download: two runs fetching the same champion never share one.
+        target.mkdir(parents=True, exist_ok=True)
+        download = Path(tempfile.mkdtemp(prefix=".download-", suffix=".tmp", dir=target))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                             dst_path=str(download / "files")))
+            tmp = download / "model"
+            tmp.mkdir()
+            for file in MODEL_FILES:
+                shutil.copy2(local / "artifacts" / file, tmp / file)
+            try:
+                tmp.rename(model_dir)
+            except OSError:  # another run put the same version there first
+                if not (model_dir / CONFIG_FILE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
     config = DetectorParams.from_estimator_params(json.loads((model_dir / CONFIG_FILE).read_text())["params"])
     model = ModelResult(category=category, model_dir=str(model_dir), fingerprint=f"registry:{name}/{version.version}",
                         params=config.model_dump())
@@ -95,16 +127,21 @@ def decide(
     value = challenger.metrics.get(metric)
     if value is None:
         raise ValueError(f"metric {metric!r} is not among the evaluation metrics {sorted(challenger.metrics)}")
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
     if champion is None:
         return PromotionDecision(registered_model=name, promote=True, rule=rule, metric=metric, min_delta=min_delta,
                                  challenger_version=challenger_version, challenger_value=float(value),
-                                 reason="no current champion")
+                                 reason="no current champion", decided_at=now)
     champ_value = float(champion.metrics[metric])
-    promote = float(value) >= champ_value + min_delta
-    reason = (f"challenger {value:.4f} {'>=' if promote else '<'} champion {champ_value:.4f} + {min_delta:g}")
+    if champion_version == challenger_version:  # the same model fingerprint: the registry reused the version
+        promote, reason = False, "the challenger is already the champion (same model fingerprint)"
+    else:
+        promote = float(value) >= champ_value + min_delta
+        reason = f"challenger {value:.4f} {'>=' if promote else '<'} champion {champ_value:.4f} + {min_delta:g}"
     return PromotionDecision(registered_model=name, promote=promote, rule=rule, metric=metric, min_delta=min_delta,
                              challenger_version=challenger_version, challenger_value=float(value),
-                             champion_version=champion_version, champion_value=champ_value, reason=reason)
+                             champion_version=champion_version, champion_value=champ_value, reason=reason,
+                             decided_at=now)
 
 
 @task(name="registry-decide-promotion", **MLFLOW_TASK)
@@ -120,9 +157,32 @@ def set_alias(work_dir: str, name: str, alias: str, version: str) -> None:
     client_for(work_dir).set_registered_model_alias(name, alias, version)
 
 
+COMPARISON_HEADING = "**Against the champion"
+
+
+def comparison_markdown(decision: PromotionDecision, challenger: dict, champion: dict | None) -> str:
+    """The challenger beside the champion on the same canary set, and the decision, for the version page."""
+    from tasks.tracking import DESCRIBED_METRICS, _fmt
+
+    if champion is None:
+        return (f"{COMPARISON_HEADING}**: there was no champion; this version was promoted "
+                f"({decision.decided_at}).")
+    rows = [f"| {label} | {_fmt(challenger.get(key))} | {_fmt(champion.get(key))} |"
+            for key, label in DESCRIBED_METRICS.items() if key in challenger]
+    verdict = "**promoted to champion**" if decision.promote else "**not promoted**"
+    return "\n".join([
+        f"{COMPARISON_HEADING} v{decision.champion_version} on the same canary set** ({decision.decided_at}):",
+        "", f"| metric | v{decision.challenger_version} (challenger) | v{decision.champion_version} (champion) |",
+        "|---|---|---|", *rows, "",
+        f"{verdict}: {decision.reason}. Rule: {decision.rule}.",
+    ])
+
+
 @task(name="mlflow-log-promotion", **MLFLOW_TASK)
-def log_promotion(work_dir: str, run_id: str, decision: PromotionDecision) -> None:
-    """Log the rule, both figures and the outcome to the challenger's run and as version tags."""
+def log_promotion(work_dir: str, run_id: str, decision: PromotionDecision, challenger_metrics: dict | None = None,
+                  champion_metrics: dict | None = None) -> None:
+    """Log the rule, both figures and the outcome to the challenger's run, as version tags, and the comparison
+    with the champion in the version's description (what a person reads before promoting by hand)."""
     client = client_for(work_dir)
     client.log_param(run_id, "promotion.rule", decision.rule)
     client.log_metric(run_id, f"promotion.challenger_{decision.metric}", decision.challenger_value)
@@ -131,6 +191,13 @@ def log_promotion(work_dir: str, run_id: str, decision: PromotionDecision) -> No
     client.set_tag(run_id, "promotion.promoted", str(decision.promote).lower())
     client.set_tag(run_id, "promotion.reason", decision.reason)
     client.log_dict(run_id, decision.model_dump(), "promotion/decision.json")
+    if decision.challenger_version == decision.champion_version:
+        return  # the champion's own tags stay as they are
+    if challenger_metrics is not None:
+        version = client.get_model_version(decision.registered_model, decision.challenger_version)
+        base = (version.description or "").split("\n\n" + COMPARISON_HEADING)[0]
+        client.update_model_version(decision.registered_model, decision.challenger_version, description=(
+            base + "\n\n" + comparison_markdown(decision, challenger_metrics, champion_metrics)))
     client.set_model_version_tag(decision.registered_model, decision.challenger_version, "promotion",
                                  "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(decision.registered_model, decision.challenger_version, "promotion_reason",

@@ -49,7 +49,8 @@ def publish_benchmark(runs: list[CategoryRun], failed: list[str], mlflow_parent_
 @task(name="publish-promotions", cache_policy=NO_CACHE)
 def publish_promotions(decisions: list[PromotionDecision], product_line: str) -> str:
     rows = [d.model_dump(include={"registered_model", "promote", "metric", "challenger_version",
-                                  "challenger_value", "champion_version", "champion_value", "reason"})
+                                  "challenger_value", "champion_version", "champion_value", "reason",
+                                  "recompared", "decided_at"})
             for d in decisions]
     lines = [f"# Nightly retrain: {product_line}", ""]
     for d in decisions:

@@ -29,6 +29,8 @@ class PipelineSettings(BaseSettings):
     s3_secret_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("PATCHCORE_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")
     )
+    retention_days: float | None = Field(
+        None, ge=0, description="`python -m tasks.gc` removes stage folders unused for this many days (none: keep)")
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("PATCHCORE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
     )

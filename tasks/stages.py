@@ -6,11 +6,14 @@ result is the task's return value. Credentials come from the settings, never fro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from patchcore_core.config import DetectorParams
 from patchcore_core.stages import baseline, calibrate, coreset, extract, fetch, index, metrics, score
 from tasks.common import STAGE_TASK, log, runtime
+from tasks.gc import touch_used
 from tasks.settings import get_settings
 
 
@@ -23,6 +26,7 @@ def fetch_category(data_url: str, category: str, work_dir: str) -> fetch.FetchRe
 def extract_features(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str,
                      split: str = "train") -> extract.SplitFeatures:
     result = extract.run(fetched, params, split, work_dir, runtime())
+    touch_used(*{Path(p).parent for p in result.shards})  # retention (tasks.gc) counts from the last use
     log(f"{fetched.category}/{split}: {len(result.shards)} shards ({result.n_reused} reused, "
         f"{result.n_written} written)")
     return result
@@ -30,34 +34,46 @@ def extract_features(fetched: fetch.FetchResult, params: DetectorParams, work_di
 
 @task(name="coreset", task_run_name="coreset-{features.category}", **STAGE_TASK)
 def select_coreset(features: extract.SplitFeatures, params: DetectorParams, work_dir: str) -> coreset.CoresetResult:
-    return coreset.run(features, params, work_dir, runtime())
+    result = coreset.run(features, params, work_dir, runtime())
+    touch_used(result.directory)
+    return result
 
 
 @task(name="calibrate", task_run_name="calibrate-{features.category}", **STAGE_TASK)
 def calibrate_thresholds(features: extract.SplitFeatures, params: DetectorParams,
                          work_dir: str) -> calibrate.CalibrationResult:
-    return calibrate.run(features, params, work_dir, runtime())
+    result = calibrate.run(features, params, work_dir, runtime())
+    touch_used(Path(result.path).parent)
+    return result
 
 
 @task(name="index", task_run_name="index-{selected.category}", **STAGE_TASK)
 def build_index(selected: coreset.CoresetResult, params: DetectorParams, work_dir: str,
                 calibration: calibrate.CalibrationResult | None = None) -> index.ModelResult:
-    return index.run(selected, params, work_dir, runtime(), calibration=calibration)
+    result = index.run(selected, params, work_dir, runtime(), calibration=calibration)
+    touch_used(Path(result.model_dir).parent)
+    return result
 
 
 @task(name="score", task_run_name="score-{model.category}", **STAGE_TASK)
 def score_test_split(model: index.ModelResult, features: extract.SplitFeatures, fetched: fetch.FetchResult,
                      work_dir: str) -> score.ScoreResult:
-    return score.run(model, features, fetched, work_dir, runtime())
+    result = score.run(model, features, fetched, work_dir, runtime())
+    touch_used(Path(result.predictions).parent)
+    return result
 
 
 @task(name="metrics", task_run_name="metrics-{scores.category}", **STAGE_TASK)
 def compute_metrics(scores: score.ScoreResult, fetched: fetch.FetchResult, model: index.ModelResult,
                     work_dir: str, title: str = "") -> metrics.MetricsResult:
-    return metrics.run(scores, fetched, model, work_dir, title=title)
+    result = metrics.run(scores, fetched, model, work_dir, title=title)
+    touch_used(Path(result.metrics_path).parent)
+    return result
 
 
 @task(name="baseline", task_run_name="baseline-{fetched.category}", **STAGE_TASK)
 def fit_and_score_baseline(fetched: fetch.FetchResult, params: DetectorParams,
                            work_dir: str) -> baseline.BaselineResult:
-    return baseline.run(fetched, params, work_dir, runtime())
+    result = baseline.run(fetched, params, work_dir, runtime())
+    touch_used(Path(result.model.model_dir).parent, Path(result.scores.predictions).parent)
+    return result

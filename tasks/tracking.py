@@ -8,9 +8,12 @@ artifact folder; MLFLOW_TRACKING_URI (or PATCHCORE_MLFLOW_TRACKING_URI) override
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +22,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 import patchcore_core
@@ -32,7 +37,10 @@ from patchcore_core.stages.score import ScoreResult
 from serving import PYFUNC_ARTIFACTS, PYFUNC_CODE
 from tasks.settings import get_settings
 
-MLFLOW_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10]}  # no cache: runs are not idempotent
+# No cache: runs are not idempotent, and a registry read (the champion) must see the registry as it is now.
+# Champion downloads in a worker's log: no progress bars (a user's explicit setting wins).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+MLFLOW_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
 # The paper's Table S1-S3 columns, in order.
 TABLE_COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO"}
 
@@ -100,7 +108,10 @@ def start_run(
 ) -> str:
     """Create a run (nested under `parent_run_id` when given) and return its id."""
     client = client_for(work_dir)
-    all_tags = {"patchcore_core.version": patchcore_core.__version__, **(tags or {})}
+    from tasks.gc import owner_tags
+
+    # Who runs it (host, pid, process start): a later sweep marks it FAILED if that process is gone.
+    all_tags = {"patchcore_core.version": patchcore_core.__version__, **owner_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     try:
@@ -171,12 +182,100 @@ def model_signature(threshold: float | None):
     )
 
 
+def model_fingerprint(model: ModelResult, config: DetectorParams, fetched: FetchResult,
+                      canary: FetchResult | None = None) -> str:
+    """What a registered version is: the model folder's bytes, the settings (runtime ones aside), the training
+    data digest and the evaluation data digest (its threshold is served). Equal fingerprints, same version."""
+    from patchcore_core.artifacts import MODEL_FILES, file_digest
+
+    settings = config.stage_params("method", "features", "coreset", "model", "baseline")
+    blob = json.dumps({"model": file_digest(Path(model.model_dir) / f for f in MODEL_FILES), "settings": settings,
+                       "data": fetched.digest, "canary": (canary or fetched).digest}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def find_version(client: MlflowClient, name: str, fingerprint: str):
+    """The registered version of `name` tagged with this model fingerprint (the oldest), or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.model_fingerprint = '{fingerprint}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+FIGURE_TITLES = {"roc_pr": "ROC and PR curves", "pro_curve": "PRO curve", "overlays_worst": "worst cases",
+                 "overlays_best": "best cases"}
+DESCRIBED_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO", "f1": "F1",
+                     "error_at_full_recall": "error at full recall"}
+
+
+def dataset_input(fetched: FetchResult, split: str, context: str):
+    """An MLflow dataset input ("Datasets used") for one split of a fetched category, with the data digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    url = f"{fetched.source_url.rstrip('/')}/{fetched.category}/{split}"
+    dataset = Dataset(
+        name=f"{fetched.category}-{split}", digest=fetched.digest[:32],
+        source_type="s3" if url.startswith(("s3://", "s3a://")) else "local",
+        source=json.dumps({"uri": url}),
+        profile=json.dumps({"images": fetched.n_train if split == "train" else fetched.n_test,
+                            "anomalous": 0 if split == "train" else fetched.n_anomalous,
+                            "sha256": fetched.digest, "manifest": fetched.manifest}),
+    )
+    return DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
+def ui_link(experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A link inside the MLflow UI (relative to its page): the run, or one of its artifacts."""
+    base = f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/artifacts/{artifact}" if artifact else base
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def version_description(name: str, version: str, experiment_id: str, run_id: str, config: DetectorParams,
+                        fetched: FetchResult, canary: FetchResult, evaluation: MetricsResult) -> str:
+    """The model version page's description: metrics, operating point, settings, data and figure links."""
+    m = evaluation.metrics
+    lines = [
+        f"**{name} v{version}**: PatchCore trained on `{fetched.source_url}` ({fetched.n_train} images), evaluated"
+        f" on the test split of `{canary.source_url}` ({canary.n_test} images, {canary.n_anomalous} anomalous).",
+        "",
+        "| metric | value |", "|---|---|",
+        *[f"| {label} | {_fmt(m.get(key))} |" for key, label in DESCRIBED_METRICS.items() if key in m],
+        "",
+        f"**Operating point**: an image is anomalous when its score is above **{_fmt(m.get('f1_threshold'))}** "
+        "(the F1-optimal threshold on the evaluation split; the served `threshold`, overridable per request).",
+        "",
+        "**Settings**: " + ", ".join(f"`{k}={v}`" for k, v in config.model_dump().items()),
+        "",
+        f"**Data**: train sha256 `{fetched.digest[:16]}…`, canary sha256 `{canary.digest[:16]}…` (the run's "
+        "*Datasets used*).",
+        "",
+        "**Figures**: " + " · ".join(
+            f"[{FIGURE_TITLES.get(key, key)}]({ui_link(experiment_id, run_id, 'figures/' + Path(path).name)})"
+            for key, path in evaluation.figures.items()) + f" · [the run]({ui_link(experiment_id, run_id)})",
+    ]
+    return "\n".join(lines)
+
+
 @task(name="mlflow-log-category", **MLFLOW_TASK)
 def log_category(
     work_dir: str, run_id: str, config: DetectorParams, fetched: FetchResult, model: ModelResult,
     scores: ScoreResult, evaluation: MetricsResult, register_as: str | None = None,
+    canary: FetchResult | None = None,
 ) -> CategoryRun:
-    """Log one category's params, metrics, figures and pyfunc model to its run; register the model version."""
+    """Log one category's params, metrics, figures and pyfunc model to its run; register the model version.
+
+    Registration is idempotent: a version whose `model_fingerprint` tag equals this model's fingerprint is
+    reused (it gets this run's tags) instead of a new version; find-or-create runs under the model's lock.
+    """
+    from tasks.locks import promotion_lock
+
     client = client_for(work_dir)
     params = {**_flat_params("", config.model_dump()), "category": fetched.category,
               "data_url": fetched.source_url, "data_digest": fetched.digest, "n_train": str(fetched.n_train),
@@ -187,18 +286,46 @@ def log_category(
     for path in evaluation.figures.values():
         client.log_artifact(run_id, path, "figures")
     client.log_artifact(run_id, evaluation.metrics_path, "evaluation")
+    client.log_artifact(run_id, scores.predictions, "evaluation")
+    canary = canary or fetched
+    client.log_inputs(run_id, datasets=[dataset_input(fetched, "train", "training"),
+                                        dataset_input(canary, "test", "evaluation")])
 
     model_dir = Path(model.model_dir)
+    done = {"category": fetched.category, "fetched": fetched, "model": model, "scores": scores,
+            "evaluation": evaluation, "mlflow_run_id": run_id}
     if config.method != "patchcore":  # SPADE / PaDiM: their saved folder as artifacts; the registry is PatchCore's
         client.log_artifacts(run_id, str(model_dir), "model")
-        client.log_artifact(run_id, scores.predictions, "evaluation")
-        return CategoryRun(category=fetched.category, fetched=fetched, model=model, scores=scores,
-                           evaluation=evaluation, mlflow_run_id=run_id)
+        return CategoryRun(**done)
+    fingerprint = model_fingerprint(model, config, fetched, canary)
+    client.set_tag(run_id, "registry.model_fingerprint", fingerprint)
+    lock = promotion_lock(register_as) if register_as else contextlib.nullcontext()
+    with lock:
+        existing = find_version(client, register_as, fingerprint) if register_as else None
+        if existing is None:
+            version = _log_model(client, run_id, config, fetched, model_dir, evaluation, register_as)
+            if register_as:
+                client.set_model_version_tag(register_as, version, "model_fingerprint", fingerprint)
+        else:
+            version = str(existing.version)
+    if register_as:
+        _tag_version(client, register_as, version, run_id, fetched, reused=existing is not None)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        client.update_model_version(register_as, version, description=version_description(
+            register_as, version, experiment_id, run_id, config, fetched, canary, evaluation))
+    return CategoryRun(**done, registered_model=register_as, registered_version=version if register_as else None)
+
+
+def _log_model(client: MlflowClient, run_id: str, config: DetectorParams, fetched: FetchResult, model_dir: Path,
+               evaluation: MetricsResult, register_as: str | None) -> str | None:
+    """The pyfunc model (models-from-code, model files as artifacts) logged to the run and registered."""
     with tempfile.TemporaryDirectory() as tmp:
         serving = _serving_file(Path(tmp), evaluation, fetched.category)
         artifacts = {key: str(model_dir / name) for key, name in PYFUNC_ARTIFACTS.items()}
         artifacts["serving"] = str(serving)
-        with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; same thread, closed right away
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the fluent run, closed right away
+            # The signature is explicit; an input example would be an encoded image run through the model here.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_CODE),
@@ -208,14 +335,19 @@ def log_category(
                 registered_model_name=register_as,
                 metadata={"patchcore_core_version": patchcore_core.__version__, "category": fetched.category},
             )
-    version = str(info.registered_model_version) if register_as else None
-    if register_as:
-        client.set_model_version_tag(register_as, version, "data_digest", fetched.digest)
-        client.set_model_version_tag(register_as, version, "run_id", run_id)
-    client.log_artifact(run_id, scores.predictions, "evaluation")
-    return CategoryRun(category=fetched.category, fetched=fetched, model=model, scores=scores,
-                       evaluation=evaluation, mlflow_run_id=run_id, registered_model=register_as,
-                       registered_version=version)
+    return str(info.registered_model_version) if register_as else None
+
+
+def _tag_version(client: MlflowClient, name: str, version: str, run_id: str, fetched: FetchResult,
+                 reused: bool) -> None:
+    """The run's tags on the version (the latest run that produced it) and the version on the run."""
+    mv = client.get_model_version(name, version)
+    runs = [r for r in (mv.tags.get("runs") or mv.run_id or "").split(",") if r]
+    runs = [*[r for r in runs if r != run_id], run_id][-20:]
+    for key, value in {"data_digest": fetched.digest, "run_id": run_id, "runs": ",".join(runs)}.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_tag(run_id, "registry.version", f"{name}/{version}")
+    client.set_tag(run_id, "registry.reused_version", str(reused).lower())
 
 
 def results_table(runs: list[CategoryRun]) -> pd.DataFrame:

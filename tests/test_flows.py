@@ -146,6 +146,14 @@ def test_full_benchmark_end_to_end(pipeline_env, s3_dataset):
     states = stage_states(again.state_details.flow_run_id)
     assert len(states) == 7 and set(states.values()) == {"Completed"}, states
     assert file_stamps(*outputs) == before, "a rerun with unchanged inputs rewrote stage outputs"
+    # The same model fingerprint registers no new version: version 1 gets the new run's tags.
+    [rerun] = again.result()
+    assert rerun.registered_version == "1"
+    assert [str(v.version) for v in client.search_model_versions("name = 'patchcore-brick'")] == ["1"]
+    brick_v1 = client.get_model_version("patchcore-brick", "1")
+    assert brick_v1.tags["run_id"] == rerun.mlflow_run_id and rerun.mlflow_run_id in brick_v1.tags["runs"]
+    assert len(brick_v1.tags["model_fingerprint"]) == 64
+    assert client.get_run(rerun.mlflow_run_id).data.tags["registry.reused_version"] == "true"
 
     # One cache: deleting a stage's output makes the next run recompute that stage (and what reads it), no flags.
     [brick] = again.result()
@@ -245,6 +253,11 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def second_digest(client, name: str) -> str:
+    """The data digest tag of version 2, as MLflow's dataset digest (32 characters)."""
+    return client.get_model_version(name, "2").tags["data_digest"][:32]
+
+
 def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline_env, s3_dataset):
     from mlflow import MlflowClient
 
@@ -259,14 +272,32 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
     assert first.promote and first.reason == "no current champion" and first.challenger_version == "1"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
-    # Demand an impossible gain: the challenger (v2) must not replace the champion (v1).
+    # Same data and settings: the same model fingerprint, so no new version; v1 stays champion, untouched.
+    [same] = patchcore(mode="nightly-retrain", data_url=s3_dataset, product_line="line-a", categories=["gravel"],
+                       config=CONFIG, work_dir=work)
+    assert (same.challenger_version, same.champion_version, same.promote) == ("1", "1", False), same
+    assert same.champion_value == same.challenger_value  # both figures from the same canary set
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert client.get_model_version(name, "1").tags["promotion"] == "promoted"
+
+    # Another model (a larger coreset) and an impossible gain demanded: the challenger (v2) must not win.
+    other = CONFIG.model_copy(update={"coreset_ratio": 0.5})
     [second] = patchcore(mode="nightly-retrain", data_url=s3_dataset, product_line="line-a",
-                         categories=["gravel"], config=CONFIG, work_dir=work, min_delta=1.01)
+                         categories=["gravel"], config=other, work_dir=work, min_delta=1.01)
     assert not second.promote and (second.challenger_version, second.champion_version) == ("2", "1")
-    # Both figures come from the same canary set; same data and settings give the same model and value.
-    assert second.champion_value == second.challenger_value
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    # What a person reads in the MLflow UI before promoting by hand: metrics, operating point, settings, figure
+    # links and the comparison with the champion on the same canary set; the data as "Datasets used".
+    description = client.get_model_version(name, "2").description
+    threshold = client.get_run(client.get_model_version(name, "2").run_id).data.metrics["f1_threshold"]
+    assert f"above **{threshold:.4f}**" in description and "`coreset_ratio=0.5`" in description
+    assert "/artifacts/figures/roc_pr.png)" in description
+    assert "Against the champion v1 on the same canary set" in description and "**not promoted**" in description
+    inputs = client.get_run(client.get_model_version(name, "2").run_id).inputs.dataset_inputs
+    assert {(i.dataset.name, i.tags[0].value) for i in inputs} == {("gravel-train", "training"),
+                                                                   ("gravel-test", "evaluation")}
+    assert all(i.dataset.digest == second_digest(client, name) for i in inputs)
     run = client.get_run(client.get_model_version(name, "2").run_id)
     assert run.data.params["promotion.rule"].startswith("promote if image_auroc(challenger) >=")
     assert {"promotion.challenger_image_auroc", "promotion.champion_image_auroc"} <= set(run.data.metrics)
@@ -302,7 +333,9 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
     finally:
         _stop(proc)
     assert len(predictions) == 2 and {"score", "is_anomalous"} <= set(predictions[0])
-    champion_scores = pd.read_parquet(sorted(Path(work).glob("stages/gravel/score-*/predictions.parquet"))[0])
+    champion_run = client.get_model_version(name, "1").run_id  # its own evaluation, logged with the model
+    champion_scores = pd.read_parquet(client.download_artifacts(champion_run, "evaluation/predictions.parquet",
+                                                                str(pipeline_env["tmp"])))
     expected = champion_scores.set_index("relpath")["score"]
     for path, pred in zip(images, predictions, strict=True):
         rel = path.relative_to(cache).as_posix()

@@ -68,8 +68,10 @@ def source_slug(source: str) -> str:
 
 
 def _version(info: dict[str, Any]) -> str:
-    """What changes when a file's content changes: ETag on object stores, mtime locally, else the size."""
-    for key in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created"):
+    """What changes when a file's content changes: the object version id or ETag on object stores, mtime
+    locally, else the size. Only a fast pre-check: reuse also needs the bytes to match the manifest sha256."""
+    for key in ("VersionId", "version_id", "ETag", "etag", "md5", "mtime", "LastModified", "last_modified",
+                "created"):
         if info.get(key) is not None:
             return f"{key}:{str(info[key]).strip(chr(34))}"
     return f"size:{info.get('size')}"
@@ -185,6 +187,13 @@ def fetch_category(
             and old["size"] == info["size"]
             and dest.is_file()
             and dest.stat().st_size == info["size"]
+            # Size and version are only the pre-check. The cached copy must still hash to the manifest (else it
+            # was damaged: copy again); a local source is hashed too, since a file replaced with the same size
+            # and mtime keeps both (reading a local file is cheap next to extracting its features). Object
+            # stores change the ETag / version id with the content, so their copies are not re-read.
+            and _sha256(dest) == old["sha256"]
+            and ("file" not in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
+                 or _sha256(Path(info["path"])) == old["sha256"])
         ):
             return rel, old["sha256"], False
         return rel, _copy(fs, info["path"], dest), True
