@@ -237,7 +237,7 @@ def paper_report(
 
 @flow(name="patchcore", result_serializer="json")
 def patchcore(
-    mode: Literal["full-benchmark", "nightly-retrain", "paper-report"] = "full-benchmark",
+    mode: Literal["full-benchmark", "nightly-retrain", "paper-report", "score-batch"] = "full-benchmark",
     data_url: str = "runs/demo/bucket/mvtec-demo",
     categories: list[str] | None = None,
     config: DetectorParams | None = None,
@@ -247,14 +247,26 @@ def patchcore(
     promotion_metric: str = "image_auroc",
     min_delta: float = 0.0,
     report: dict[str, Any] | None = None,
-) -> list[CategoryRun] | list[PromotionDecision] | str:
+    results_url: str | None = None,
+    model_uri: str | None = None,
+    shard_size: int = 64,
+) -> list[CategoryRun] | list[PromotionDecision] | str | dict:
     """PatchCore batch pipeline. `full-benchmark`: every category (or `categories`) of `data_url`, with the
     results table. `nightly-retrain`: the product line's `categories`, champion/challenger promotion.
     `paper-report`: the SPADE / PaDiM / PatchCore tables and ablations (`report` overrides its settings).
+    `score-batch`: every new image under `data_url` scored with the champion of the one category in
+    `categories` (or `model_uri`), results under `results_url` (see flows/score_batch.py).
     """
     if mode == "full-benchmark":
         return full_benchmark(data_url, categories, config, work_dir)
     if mode == "paper-report":
         return paper_report(data_url, categories, work_dir, report)
+    if mode == "score-batch":
+        from flows.score_batch import score_batch
+
+        if not results_url or (model_uri is None and len(categories or []) != 1):
+            raise ValueError("mode score-batch needs results_url, and one category in categories or a model_uri")
+        return score_batch(data_url, results_url, category=(categories or [None])[0], model_uri=model_uri,
+                           shard_size=shard_size, work_dir=work_dir)
     return nightly_retrain(data_url, product_line, categories, canary_url, config, work_dir,
                            metric=promotion_metric, min_delta=min_delta)

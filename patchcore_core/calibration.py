@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["holdout_images", "thresholds", "operating_point"]
+__all__ = ["holdout_images", "thresholds", "operating_point", "fpr_within_target"]
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
 
@@ -54,9 +54,10 @@ def thresholds(scores: np.ndarray, maps: np.ndarray, target_fpr: float, target_p
 
 def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float | None,
                     masks: np.ndarray | None = None, maps: np.ndarray | None = None,
-                    pixel_threshold: float | None = None) -> dict[str, Any] | None:
-    """FPR, TPR and precision of `score >= threshold` on a labelled set (and the pixel-level FPR / TPR of
-    `map >= pixel_threshold` when masks and a pixel threshold are given); None without a threshold."""
+                    pixel_threshold: float | None = None, target_fpr: float | None = None) -> dict[str, Any] | None:
+    """FPR, TPR and precision of `score >= threshold` on a labelled set, with the counts behind them and the
+    target FPR the threshold was set for (and the pixel-level FPR / TPR of `map >= pixel_threshold` when masks
+    and a pixel threshold are given); None without a threshold."""
     if threshold is None:
         return None
     labels = np.asarray(labels).astype(bool)
@@ -68,6 +69,9 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float | N
         "tpr": tp / max(1, int(labels.sum())),
         "precision": tp / max(1, tp + fp) if tp + fp else None,
         "n_flagged": int(flagged.sum()),
+        "n_nominal": int((~labels).sum()),
+        "n_false_positives": fp,
+        "target_fpr": None if target_fpr is None else float(target_fpr),
     }
     if pixel_threshold is not None and masks is not None and maps is not None:
         truth = np.asarray(masks).astype(bool)
@@ -76,3 +80,19 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float | N
         out["pixel_fpr"] = float((predicted & ~truth).sum() / max(1, (~truth).sum()))
         out["pixel_tpr"] = float((predicted & truth).sum() / max(1, truth.sum()))
     return out
+
+
+def fpr_within_target(op: dict[str, Any] | None, alpha: float = 0.05) -> tuple[bool, str]:
+    """Whether a model's false positives at its calibrated threshold on a labelled (canary) set are within its
+    target rate: not significantly more than Binomial(n_nominal, target_fpr) gives (one-sided test at `alpha`),
+    so a small canary set's noise does not block a good model while a model that flags far too many does not
+    pass. (False, why) without an operating point."""
+    from scipy.stats import binom
+
+    if not op or op.get("target_fpr") is None:
+        return False, "no calibrated threshold: its false-positive rate cannot be checked"
+    n, fp, target = int(op["n_nominal"]), int(op["n_false_positives"]), float(op["target_fpr"])
+    p_value = float(binom.sf(fp - 1, n, target)) if fp > 0 else 1.0
+    ok = p_value >= alpha
+    return ok, (f"canary FPR {fp}/{n} = {fp / max(1, n):.3f} at its calibrated threshold "
+                f"{'within' if ok else 'above'} the target {target:g} (binomial p = {p_value:.3f})")

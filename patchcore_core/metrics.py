@@ -317,7 +317,8 @@ def compute_metrics(labels: Any, scores: Any, masks: Any = None, maps: Any = Non
         from patchcore_core.calibration import operating_point
 
         result["operating_point"] = operating_point(labels, scores, calibration["threshold"], masks, maps,
-                                                    calibration.get("pixel_threshold"))
+                                                    calibration.get("pixel_threshold"),
+                                                    calibration.get("target_fpr"))
     return result
 
 

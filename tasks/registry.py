@@ -118,30 +118,39 @@ def decide(
     name: str, challenger: MetricsResult, challenger_version: str, champion: MetricsResult | None,
     champion_version: str | None, metric: str = "image_auroc", min_delta: float = 0.0,
 ) -> PromotionDecision:
-    """Promote when there is no champion, or when challenger[metric] >= champion[metric] + min_delta.
+    """Promote when the challenger's false-positive rate at its own calibrated threshold on the canary set is
+    within its target (`calibration.fpr_within_target`: not significantly above it), AND there is no champion
+    or challenger[metric] >= champion[metric] + min_delta on the same canary set.
 
     min_delta = 0 means "not worse"; a negative value tolerates a small regression, a positive one demands a
-    gain. Both figures come from the same canary test set.
+    gain. The operating point is checked even without a champion: a model that flags far more good parts than
+    its target never becomes champion.
     """
-    rule = f"promote if {metric}(challenger) >= {metric}(champion) + {min_delta:g} on the canary test set"
+    from patchcore_core.calibration import fpr_within_target
+
+    rule = (f"promote if the challenger's canary FPR at its calibrated threshold is within its target (one-sided "
+            f"binomial test, 5 %) and {metric}(challenger) >= {metric}(champion) + {min_delta:g} on the canary "
+            "test set")
     value = challenger.metrics.get(metric)
     if value is None:
         raise ValueError(f"metric {metric!r} is not among the evaluation metrics {sorted(challenger.metrics)}")
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    fpr_ok, fpr_reason = fpr_within_target(challenger.metrics.get("operating_point"))
+    common = dict(registered_model=name, rule=rule, metric=metric, min_delta=min_delta,
+                  challenger_version=challenger_version, challenger_value=float(value), decided_at=now)
     if champion is None:
-        return PromotionDecision(registered_model=name, promote=True, rule=rule, metric=metric, min_delta=min_delta,
-                                 challenger_version=challenger_version, challenger_value=float(value),
-                                 reason="no current champion", decided_at=now)
+        reason = "no current champion; " + fpr_reason
+        return PromotionDecision(promote=fpr_ok, reason=reason, **common)
     champ_value = float(champion.metrics[metric])
     if champion_version == challenger_version:  # the same model fingerprint: the registry reused the version
         promote, reason = False, "the challenger is already the champion (same model fingerprint)"
     else:
-        promote = float(value) >= champ_value + min_delta
-        reason = f"challenger {value:.4f} {'>=' if promote else '<'} champion {champ_value:.4f} + {min_delta:g}"
-    return PromotionDecision(registered_model=name, promote=promote, rule=rule, metric=metric, min_delta=min_delta,
-                             challenger_version=challenger_version, challenger_value=float(value),
-                             champion_version=champion_version, champion_value=champ_value, reason=reason,
-                             decided_at=now)
+        better = float(value) >= champ_value + min_delta
+        promote = better and fpr_ok
+        reason = (f"challenger {value:.4f} {'>=' if better else '<'} champion {champ_value:.4f} + {min_delta:g}; "
+                  + fpr_reason)
+    return PromotionDecision(promote=promote, reason=reason, champion_version=champion_version,
+                             champion_value=champ_value, **common)
 
 
 @task(name="registry-decide-promotion", **MLFLOW_TASK)

@@ -145,15 +145,30 @@ def tracked_run(work_dir: str, experiment: str, run_name: str, **kwargs: Any) ->
     end_run(work_dir, run_id)
 
 
-def _serving_file(directory: Path, evaluation: MetricsResult, category: str) -> Path:
+def model_calibration(model_dir: str | Path) -> dict[str, Any] | None:
+    """The thresholds a model folder carries (set on held-out nominal train images), or None."""
+    return json.loads((Path(model_dir) / "config.json").read_text())["state"].get("calibration")
+
+
+def _serving_file(directory: Path, calibration: dict[str, Any] | None, category: str) -> Path:
     path = directory / "serving.json"
     path.write_text(json.dumps({
         "category": category,
-        "threshold": evaluation.metrics.get("f1_threshold"),
-        "threshold_rule": "F1-optimal threshold on the evaluation test split",
+        "threshold": None if calibration is None else calibration["threshold"],
+        "pixel_threshold": None if calibration is None else calibration["pixel_threshold"],
+        "threshold_rule": "calibrated on held-out nominal train images at the target false-positive rate "
+                          "(never on test images); see `calibration`",
+        "calibration": calibration,
         "patchcore_core_version": patchcore_core.__version__,
     }, indent=2))
     return path
+
+
+def operating_point_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The operating point at the calibrated threshold as flat MLflow metrics (op_fpr, op_tpr, ...)."""
+    op = metrics.get("operating_point") or {}
+    keys = ("threshold", "fpr", "tpr", "precision", "pixel_threshold", "pixel_fpr", "pixel_tpr")
+    return {f"op_{k}": float(op[k]) for k in keys if isinstance(op.get(k), int | float)}
 
 
 def _pip_requirements(backbone: str) -> list[str]:
@@ -170,14 +185,18 @@ def _pip_requirements(backbone: str) -> list[str]:
     return reqs
 
 
-def model_signature(threshold: float | None):
+def model_signature(threshold: float | None = None):
+    """Input: encoded images. Params: `threshold` (0, the default: the model's calibrated threshold; a positive
+    value overrides it) and `return_mask`. Output: score, threshold, is_anomalous, and the mask on request.
+    `threshold` is accepted for callers that pin one; it is not baked into the signature."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    params = ParamSchema([ParamSpec("threshold", "double", float(threshold or 0.0))])
+    params = ParamSchema([ParamSpec("threshold", "double", 0.0), ParamSpec("return_mask", "boolean", False)])
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("float", "score"), ColSpec("boolean", "is_anomalous")]),
+        outputs=Schema([ColSpec("float", "score"), ColSpec("float", "threshold"), ColSpec("boolean", "is_anomalous"),
+                        ColSpec("string", "mask", required=False)]),
         params=params,
     )
 
@@ -237,6 +256,21 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
+def operating_point_line(m: dict[str, Any]) -> str:
+    """The operating point a reviewer needs, in one paragraph of the version description."""
+    op = m.get("operating_point")
+    if not op:
+        return ("**Operating point**: none: this model has no calibrated threshold (calibration off or too few "
+                "train images); it cannot be promoted.")
+    return (f"**Operating point**: an image is anomalous when its score is at least **{_fmt(op['threshold'])}**, set "
+            f"on held-out nominal train images for a target FPR of {_fmt(op.get('target_fpr'))} (never on test "
+            f"images). On this canary set: FPR {_fmt(op['fpr'])} ({op['n_false_positives']}/{op['n_nominal']}), TPR "
+            f"{_fmt(op['tpr'])}, precision {_fmt(op.get('precision'))}; pixel threshold "
+            f"{_fmt(op.get('pixel_threshold'))} (pixel FPR {_fmt(op.get('pixel_fpr'))}, "
+            f"TPR {_fmt(op.get('pixel_tpr'))})."
+            f" The F1-optimal threshold {_fmt(m.get('f1_threshold'))} is an oracle chosen with the test labels.")
+
+
 def version_description(name: str, version: str, experiment_id: str, run_id: str, config: DetectorParams,
                         fetched: FetchResult, canary: FetchResult, evaluation: MetricsResult) -> str:
     """The model version page's description: metrics, operating point, settings, data and figure links."""
@@ -248,8 +282,7 @@ def version_description(name: str, version: str, experiment_id: str, run_id: str
         "| metric | value |", "|---|---|",
         *[f"| {label} | {_fmt(m.get(key))} |" for key, label in DESCRIBED_METRICS.items() if key in m],
         "",
-        f"**Operating point**: an image is anomalous when its score is above **{_fmt(m.get('f1_threshold'))}** "
-        "(the F1-optimal threshold on the evaluation split; the served `threshold`, overridable per request).",
+        operating_point_line(m),
         "",
         "**Settings**: " + ", ".join(f"`{k}={v}`" for k, v in config.model_dump().items()),
         "",
@@ -282,7 +315,8 @@ def log_category(
               "n_test": str(fetched.n_test), "model_fingerprint": model.fingerprint}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in
-                                      numeric_metrics(evaluation.metrics).items()])
+                                      {**numeric_metrics(evaluation.metrics),
+                                       **operating_point_metrics(evaluation.metrics)}.items()])
     for path in evaluation.figures.values():
         client.log_artifact(run_id, path, "figures")
     client.log_artifact(run_id, evaluation.metrics_path, "evaluation")
@@ -320,7 +354,7 @@ def _log_model(client: MlflowClient, run_id: str, config: DetectorParams, fetche
                evaluation: MetricsResult, register_as: str | None) -> str | None:
     """The pyfunc model (models-from-code, model files as artifacts) logged to the run and registered."""
     with tempfile.TemporaryDirectory() as tmp:
-        serving = _serving_file(Path(tmp), evaluation, fetched.category)
+        serving = _serving_file(Path(tmp), model_calibration(model_dir), fetched.category)
         artifacts = {key: str(model_dir / name) for key, name in PYFUNC_ARTIFACTS.items()}
         artifacts["serving"] = str(serving)
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the fluent run, closed right away
@@ -330,7 +364,7 @@ def _log_model(client: MlflowClient, run_id: str, config: DetectorParams, fetche
                 name="model",
                 python_model=str(PYFUNC_CODE),
                 artifacts=artifacts,
-                signature=model_signature(evaluation.metrics.get("f1_threshold")),
+                signature=model_signature(),
                 pip_requirements=_pip_requirements(config.backbone),
                 registered_model_name=register_as,
                 metadata={"patchcore_core_version": patchcore_core.__version__, "category": fetched.category},

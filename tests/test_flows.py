@@ -269,7 +269,7 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
 
     [first] = patchcore(mode="nightly-retrain", data_url=s3_dataset, product_line="line-a", categories=["gravel"],
                         config=CONFIG, work_dir=work)
-    assert first.promote and first.reason == "no current champion" and first.challenger_version == "1"
+    assert first.promote and first.reason.startswith("no current champion") and first.challenger_version == "1"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
     # Same data and settings: the same model fingerprint, so no new version; v1 stays champion, untouched.
@@ -290,8 +290,10 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
     # What a person reads in the MLflow UI before promoting by hand: metrics, operating point, settings, figure
     # links and the comparison with the champion on the same canary set; the data as "Datasets used".
     description = client.get_model_version(name, "2").description
-    threshold = client.get_run(client.get_model_version(name, "2").run_id).data.metrics["f1_threshold"]
-    assert f"above **{threshold:.4f}**" in description and "`coreset_ratio=0.5`" in description
+    metrics = client.get_run(client.get_model_version(name, "2").run_id).data.metrics
+    threshold = metrics["op_threshold"]  # the calibrated threshold (held-out train images), not the F1 oracle
+    assert f"at least **{threshold:.4f}**" in description and "`coreset_ratio=0.5`" in description
+    assert "never on test images" in description and {"op_fpr", "op_tpr", "op_pixel_fpr"} <= set(metrics)
     assert "/artifacts/figures/roc_pr.png)" in description
     assert "Against the champion v1 on the same canary set" in description and "**not promoted**" in description
     inputs = client.get_run(client.get_model_version(name, "2").run_id).inputs.dataset_inputs
@@ -299,7 +301,7 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
                                                                    ("gravel-test", "evaluation")}
     assert all(i.dataset.digest == second_digest(client, name) for i in inputs)
     run = client.get_run(client.get_model_version(name, "2").run_id)
-    assert run.data.params["promotion.rule"].startswith("promote if image_auroc(challenger) >=")
+    assert "image_auroc(challenger) >= image_auroc(champion)" in run.data.params["promotion.rule"]
     assert {"promotion.challenger_image_auroc", "promotion.champion_image_auroc"} <= set(run.data.metrics)
     assert run.data.tags["promotion.promoted"] == "false"
     assert client.get_model_version(name, "2").tags["promotion"] == "rejected"
@@ -361,6 +363,8 @@ def test_prefect_yaml_deploys_both_deployments_with_schedules():
         bench = client.read_deployment_by_name("patchcore/full-benchmark")
         nightly = client.read_deployment_by_name("patchcore/nightly-retrain")
         report = client.read_deployment_by_name("patchcore/paper-report")
+        scoring = client.read_deployment_by_name("patchcore/score-batch")
+    assert scoring.parameters["mode"] == "score-batch" and scoring.parameters["categories"] == ["bottle"]
     assert bench.parameters["mode"] == "full-benchmark" and bench.work_pool_name == "patchcore-process"
     assert report.parameters["mode"] == "paper-report"
     assert bench.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]

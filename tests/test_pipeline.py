@@ -265,20 +265,30 @@ def test_promotion_rule():
     from patchcore_core.stages.metrics import MetricsResult
     from tasks.registry import decide
 
-    def ev(value):
-        return MetricsResult(directory="/m", category="c", metrics={"image_auroc": value}, metrics_path="/m/x.json",
-                             figures={}, fingerprint="f")
+    def ev(value, false_positives=0, nominal=20, target=0.05, calibrated=True):
+        op = {"threshold": 1.0, "fpr": false_positives / nominal, "tpr": 0.5, "n_nominal": nominal,
+              "n_false_positives": false_positives, "target_fpr": target} if calibrated else None
+        return MetricsResult(directory="/m", category="c", metrics={"image_auroc": value, "operating_point": op},
+                             metrics_path="/m/x.json", figures={}, fingerprint="f")
 
     first = decide("m", ev(0.9), "1", None, None)
-    assert first.promote and first.reason == "no current champion"
+    assert first.promote and first.reason.startswith("no current champion; canary FPR 0/20 = 0.000")
     assert decide("m", ev(0.9), "2", ev(0.9), "1").promote  # not worse: promoted
     worse = decide("m", ev(0.89), "2", ev(0.9), "1")
     assert not worse.promote and worse.champion_value == 0.9 and worse.challenger_value == 0.89
     assert decide("m", ev(0.89), "2", ev(0.9), "1", min_delta=-0.02).promote  # tolerated regression
     assert not decide("m", ev(0.95), "2", ev(0.9), "1", min_delta=0.1).promote  # demanded gain
-    assert "image_auroc(challenger) >= image_auroc(champion) + 0" in worse.rule
+    assert "image_auroc(challenger) >= image_auroc(champion) + 0" in worse.rule and "binomial" in worse.rule
     with pytest.raises(ValueError, match="not among the evaluation metrics"):
         decide("m", ev(0.9), "2", ev(0.9), "1", metric="nope")
+
+    # The operating point gate: better AUROC is not enough when the calibrated threshold flags too many good parts.
+    assert decide("m", ev(0.95, false_positives=2), "2", ev(0.9), "1").promote  # 2/20 at 5 %: p = 0.26, noise
+    noisy = decide("m", ev(0.95, false_positives=5), "2", ev(0.9), "1")  # 5/20 at 5 %: p = 0.003
+    assert not noisy.promote and "above the target 0.05" in noisy.reason
+    assert not decide("m", ev(0.95, false_positives=6), "1", None, None).promote  # even without a champion
+    uncalibrated = decide("m", ev(0.99, calibrated=False), "2", ev(0.9), "1")
+    assert not uncalibrated.promote and "no calibrated threshold" in uncalibrated.reason
 
 
 def test_settings_storage_options_from_standard_env(monkeypatch):

@@ -103,6 +103,13 @@ def test_score_batch_scores_new_images_once_and_reports_bad_files(pipeline_env, 
     assert [r.data.metrics["n_scored"] for r in runs] == [len(good), 0, 1]
     assert runs[0].data.tags["model_version"] == "patchcore-brick/1" and runs[0].info.status == "FINISHED"
 
+    # The deployment's form: the patchcore flow in mode score-batch (nothing new to score now).
+    from flows.patchcore import patchcore
+
+    fourth = patchcore(mode="score-batch", data_url="s3://incoming/line-a", results_url="s3://results/brick",
+                       categories=["brick"], work_dir=work)
+    assert fourth["n_scored"] == 0 and fourth["n_already_scored"] == len(good) + 2
+
 
 def test_score_batch_refuses_a_bad_model_uri(pipeline_env):
     from flows.score_batch import score_batch
