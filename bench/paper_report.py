@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of: main, subsampling, search, timing, reweighting, patch_size, "
                         "layers, image_size, lowshot, spade_layers (default: all)")
     p.add_argument("--timing-images", type=int, default=16)
+    p.add_argument("--presets", type=_names, default=(),
+                   help="named presets (patchcore_core.config.PRESETS) run end to end beside the base (section 7)")
+    p.add_argument("--preset", default=None,
+                   help="take the report's base detector settings from this preset (its coreset ratio, method, "
+                        "index and eq. 7 stay the grid's); detector flags below override it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default $PATCHCORE_THREADS)")
     p.add_argument("--quiet", action="store_true")
@@ -96,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     categories = (list_categories(args.data) if args.categories == "all"
                   else [c for c in args.categories.split(",") if c])
     base = {name: getattr(args, name) for _, name, _, _ in DETECTOR_FLAGS if hasattr(args, name)}
+    if args.preset:
+        from experiments.paper_report.common import GRID_OWNED
+        from patchcore_core.config import preset_values
+
+        base = {**{k: v for k, v in preset_values(args.preset).items() if k not in GRID_OWNED}, **base}
     overrides = dict(
         base=base, coreset_ratios=args.coreset_ratios, ablation_ratio=args.ablation_ratio, image_sizes=args.image_sizes,
         lowshot_sizes=args.lowshot_sizes, timing_images=args.timing_images, device=args.device,
-        num_threads=args.threads,
+        num_threads=args.threads, presets=tuple(args.presets),
         experiments=tuple(args.experiments.split(",")) if args.experiments else EXPERIMENTS,
     )
     if 0.1 in args.coreset_ratios:

@@ -4,15 +4,22 @@ Writes the demo dataset into a local bucket folder, runs the `patchcore` flow (P
 unless PREFECT_API_URL points at a real one; MLflow on SQLite in the work dir), prints the results table and
 the commands to browse the runs::
 
-    .venv/bin/python -m flows.demo [--work-dir runs/demo] [--categories brick gravel] [--image-size 224]
+    .venv/bin/python -m flows.demo [--work-dir runs/demo] [--categories brick gravel] [--preset fast] [--image-size 224]
+
+The detector starts from the `offline` preset (offline ImageNet weights, patchcore_core.config.PRESETS);
+every settings flag of `patchcore fit` is accepted and overrides it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+
+from patchcore_core.config import add_cli_options, from_cli, preset_values
+from patchcore_core.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=os.environ.get("PATCHCORE_WORK_DIR", "runs/demo"))
     parser.add_argument("--categories", nargs="*", default=None, help="demo categories (default: all three)")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 works offline")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--data-url", default=None, help="skip the demo dataset and benchmark this URL instead")
+    # Every detector setting of the schema; the demo starts from the `offline` preset (offline weights only),
+    # `--preset fast` is the quick one, and any flag overrides a preset's value.
+    add_cli_options(parser)
     args = parser.parse_args(argv)
+    try:
+        config = from_cli(args, base=preset_values("offline"))
+    except ConfigError as exc:
+        print(f"python -m flows.demo: error: {exc}", file=sys.stderr)
+        return 2
 
     work = Path(args.work_dir).resolve()
     os.environ["PATCHCORE_WORK_DIR"] = str(work)
@@ -50,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         data_url = str(bucket)
 
     from flows.patchcore import patchcore
-    from patchcore_core.config import DetectorParams
     from tasks.tracking import markdown_table, results_table
 
-    config = DetectorParams(backbone=args.backbone, image_size=args.image_size, resize=args.resize,
-                         coreset_ratio=args.coreset_ratio)
+    print(f"settings: {json.dumps(config.model_dump())}", flush=True)
     runs = patchcore(mode="full-benchmark", data_url=data_url, categories=args.categories, config=config,
                      work_dir=str(work))
     tracking = os.environ["MLFLOW_TRACKING_URI"]

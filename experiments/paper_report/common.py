@@ -54,7 +54,7 @@ GRID_OWNED = {
 # results JSON written before the schema existed.
 LEGACY_NAMES = {"spade_k": "k_images", "padim_features": "n_features"}
 DEFAULT_BASE = {"backbone": "efficientnet_lite0"}
-_TUPLES = ("coreset_ratios", "lowshot_sizes", "patch_sizes", "image_sizes", "experiments")
+_TUPLES = ("coreset_ratios", "lowshot_sizes", "patch_sizes", "image_sizes", "experiments", "presets")
 _NESTED_TUPLES = ("layer_sets", "spade_layer_sets")
 
 
@@ -79,6 +79,9 @@ class ReportConfig:
     reweight_neighbors: int = 9  # b of the eq. 7 ablation (anomalib's value)
     spade_layer_sets: tuple[tuple[int, ...], ...] = ((3,), (2,), (1,), (1, 2, 3))
     timing_images: int = 16
+    # Named presets (patchcore_core.config.PRESETS), each run end to end with its own settings beside the
+    # report's base setting at 10 %: fit on the train image paths, predict the test paths (section 7).
+    presets: tuple[str, ...] = ()
     heatmap_rows: int = 4
     experiments: tuple[str, ...] = EXPERIMENTS
     device: str = "auto"
@@ -96,6 +99,11 @@ class ReportConfig:
             raise ValueError(f"unknown experiment(s) {sorted(unknown)}; choose from {list(EXPERIMENTS)}")
         if not self.coreset_ratios:
             raise ValueError("coreset_ratios must not be empty")
+        from patchcore_core.config import PRESETS
+
+        unknown_presets = [name for name in self.presets if name not in PRESETS]
+        if unknown_presets:
+            raise ValueError(f"unknown preset(s) {unknown_presets}; presets: {list(PRESETS)}")
         self.base = dict(self.base or {})
         owned = sorted(set(self.base) & set(GRID_OWNED))
         if owned:

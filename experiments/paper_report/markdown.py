@@ -50,7 +50,7 @@ def build_tables(rows: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, pd.
         pivot = pivot[[m for m in methods if m in pivot.columns]].reset_index()
         tables[metric] = pivot
     for exp in ("subsampling", "search", "reweighting", "patch_size", "layers", "image_size", "lowshot",
-                "spade_layers", "timing"):
+                "spade_layers", "timing", "preset"):
         part = _select(df, experiment=exp)
         if exp == "subsampling":
             part = pd.concat([_select(df, experiment="main", setting="greedy"), part])
@@ -260,6 +260,32 @@ def build_markdown(rows: list[dict[str, Any]], cfg: ReportConfig, meta: dict[str
                          pct(_mean_of(p, "pixel_auroc")), pct(_mean_of(p, "au_pro")),
                          "–" if paper is None else f"{paper:g}"])
         add(md_table(["levels", "layers", "grid(s)", "image AUROC", "pixel AUROC", "AU-PRO", "paper PRO"], body))
+        add("")
+
+    pre = _select(df, experiment="preset") if not df.empty else df
+    if not pre.empty:
+        add("## 7. Presets beside the report's base setting (end to end from image paths)")
+        add("")
+        add("Fit: decode + backbone + coreset + index over the train split; predict: decode + backbone + search + "
+            "maps per test image; one process, the device above. Metrics in %.")
+        add("")
+        body = []
+        for (m, s), p in pre.groupby(["method", "setting"], sort=False):
+            if "not_run" in p and p["not_run"].notna().all():
+                body.append([m, s] + ["–"] * 6 + [f"not run: {p['not_run'].iloc[0]}"])
+                continue
+            per_cat = "; ".join(f"{r['category']} {pct(r['image_auroc'], 1)}/{pct(r['pixel_auroc'], 1)}/"
+                                f"{pct(r['au_pro'], 1)}" for _, r in p.iterrows())
+            rss = _mean_of(p, "peak_rss_mb") if "peak_rss_mb" in p else None
+            body.append([m, s, *[pct(_mean_of(p, k)) for k in ("image_auroc", "pixel_auroc", "au_pro")],
+                         num(_mean_of(p, "fit_seconds"), "{:.1f}"), num(_mean_of(p, "seconds_per_image")),
+                         num(rss, "{:.0f}"), per_cat])
+        add(md_table(["configuration", "settings", "image AUROC", "pixel AUROC", "AU-PRO", "fit s",
+                      "predict s/img", "peak RSS MiB", "per category (image / pixel / PRO)"], body))
+        if "source" in pre and pre["source"].notna().any():
+            add("")
+            add(f"Rows measured by {pre['source'].dropna().iloc[0]}: fit and predict times include image decoding; "
+                "peak RSS is that whole process's. Means over the categories run.")
         add("")
 
     if figures:
