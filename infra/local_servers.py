@@ -56,6 +56,20 @@ def wait_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path
     raise TimeoutError(f"{url} not answering after {timeout:.0f}s\n{tail(log)}")
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM a process started with `start_new_session=True` and its whole group; SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
 def tail(path: Path | None, n: int = 40) -> str:
     if path is None:
         return ""
@@ -95,14 +109,7 @@ class Process:
         if proc is None:
             return
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            except ProcessLookupError:
-                pass
+            stop_group(proc, timeout)
         else:  # the leader exited: end whatever it left behind in its group
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -20,16 +20,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repo's packages first
+from infra.local_servers import free_port, stop_group, wait_http  # noqa: E402
+
 DOC = REPO / "docs" / "pipeline.md"
 SECTION = "### Real set-up"
 FIXED_PORTS = ("5000", "4200", "8333", "5001")
@@ -48,33 +48,10 @@ def doc_commands(text: str) -> list[str]:
     return commands
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def localise(command: str, ports: dict[str, str], runs: Path) -> str:
     command = command.replace("$PWD/runs/", f"{runs}/")
     command = re.sub(r"(?<![\w/.$-])runs/", f"{runs}/", command)
     return re.sub(r"\b(" + "|".join(FIXED_PORTS) + r")\b", lambda m: ports[m.group(1)], command)
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not answering after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def wait_log(pattern: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -91,29 +68,17 @@ def wait_log(pattern: str, proc: subprocess.Popen, log: Path, timeout: float = 2
 def ready(command: str, ports: dict[str, str], proc: subprocess.Popen, log: Path) -> None:
     """Wait until the server a `# terminal` command starts is serving."""
     if command.startswith("mlflow server"):
-        wait_http(f"http://127.0.0.1:{ports['5000']}/health", proc, log)
+        wait_http(f"http://127.0.0.1:{ports['5000']}/health", proc, 240, log)
     elif command.startswith("prefect server start"):
-        wait_http(f"http://127.0.0.1:{ports['4200']}/api/health", proc, log)
+        wait_http(f"http://127.0.0.1:{ports['4200']}/api/health", proc, 240, log)
     elif command.startswith("mlflow models serve"):
-        wait_http(f"http://127.0.0.1:{ports['5001']}/ping", proc, log)
+        wait_http(f"http://127.0.0.1:{ports['5001']}/ping", proc, 240, log)
     elif "infra/s3_server.py" in command:
         wait_log("S3 server ready", proc, log)
     elif command.startswith("prefect worker start"):
         wait_log("started", proc, log)
     else:
         raise ValueError(f"no readiness check for {command!r}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        except ProcessLookupError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = exc
     finally:
         for _, proc, _ in reversed(servers):
-            stop(proc)
+            stop_group(proc)
     total = sum(t for t, _ in timings)
     print(f"\n{len(timings)} commands in {total:.0f} s; logs in {logs}")
     if failed is not None:

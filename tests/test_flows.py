@@ -12,10 +12,8 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from infra.local_servers import free_port, stop_group, wait_http
 from patchcore_core.config import DetectorParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,40 +218,6 @@ def test_killed_after_extraction_resumes_from_shards(pipeline_env, s3_dataset):
 # ---------------------------------------------------------------------------------------------- nightly retrain
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not answering after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn and its worker), SIGKILL after 20 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
-
-
 def second_digest(client, name: str) -> str:
     """The data digest tag of version 2, as MLflow's dataset digest (32 characters)."""
     return client.get_model_version(name, "2").tags["data_digest"][:32]
@@ -310,7 +275,7 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
     # `mlflow models serve` answers a real HTTP scoring request with the champion.
     cache = next((Path(work) / "data").iterdir()) / "gravel"
     images = [cache / "test" / "good" / "000.png", *sorted((cache / "test").glob("[!g]*/*.png"))[:1]]
-    port = _free_port()
+    port = free_port()
     # as in an activated venv: the scoring server runs `uvicorn` from PATH
     env = dict(os.environ, MLFLOW_TRACKING_URI=pipeline_env["tracking_uri"], PATCHCORE_THREADS="1",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -323,7 +288,7 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
         )
     try:
         try:
-            _wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from exc
         body = {"dataframe_split": {"columns": ["image"],
@@ -333,7 +298,7 @@ def test_nightly_retrain_promotes_only_if_not_worse_and_serves_champion(pipeline
         with urllib.request.urlopen(request, timeout=120) as resp:
             predictions = json.loads(resp.read())["predictions"]
     finally:
-        _stop(proc)
+        stop_group(proc)
     assert len(predictions) == 2 and {"score", "is_anomalous"} <= set(predictions[0])
     champion_run = client.get_model_version(name, "1").run_id  # its own evaluation, logged with the model
     champion_scores = pd.read_parquet(client.download_artifacts(champion_run, "evaluation/predictions.parquet",

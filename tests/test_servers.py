@@ -8,9 +8,7 @@ cannot start, a champion that never gets its alias.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +21,9 @@ OFFLINE_CONFIG = {"backbone": "efficientnet_lite0", "image_size": 64, "resize": 
 
 
 def load_local_servers():
-    name = "patchcore_infra_local_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "infra" / "local_servers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from infra import local_servers
+
+    return local_servers
 
 
 @pytest.fixture(scope="module")
