@@ -133,7 +133,7 @@ def full_benchmark(
         state = per_category(data_url, category, config, work, parent, experiment, register_models,
                              return_state=True)
         if state.is_completed():
-            runs.append(state.result())
+            runs.append(CategoryRun.model_validate(state.result()))  # a result read back from storage is JSON
         else:
             failed.append(category)
             logger.error(f"category {category} failed: {state.message}")
