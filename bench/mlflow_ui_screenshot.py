@@ -42,7 +42,17 @@ def screenshot(url: str, out: Path, size: str = "1400,2000") -> Path:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--user-data-dir={profile}", f"--window-size={size}", "--virtual-time-budget=20000",
                         f"--screenshot={out}", url], check=True, capture_output=True, timeout=180)
-    return out
+    return shrink_png(out)
+
+
+def shrink_png(path: Path, colours: int = 64) -> Path:
+    """Rewrite a screenshot as a palette PNG (UI pages have few colours): a fraction of the size, still legible."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        small = img.convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
