@@ -16,6 +16,7 @@ All geometry runs in PIL through `torchvision.transforms.v2.functional`, so resu
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -325,8 +326,25 @@ def check_image(path: str, storage_options: dict | None = None) -> str | None:
     """Why `path` cannot be used as an input image (unreadable, corrupt, too small, too many pixels), or None.
 
     Reads the header and verifies the file's structure without decoding the pixels, so a whole dataset can be
-    checked before any heavy work.
+    checked before any heavy work. A local file's verdict is remembered for its (inode, size, mtime) and the
+    pixel limit, so the entry points that each check their inputs (CLI, `fit`, `predict`) read it once.
     """
+    local = str(path).removeprefix("file://")
+    if storage_options is None and "://" not in local:
+        try:
+            st = os.stat(local)
+        except OSError:
+            return _check_image(str(path), None)
+        return _check_local(local, st.st_ino, st.st_size, st.st_mtime_ns, max_image_pixels())
+    return _check_image(str(path), storage_options)
+
+
+@functools.lru_cache(maxsize=65536)
+def _check_local(path: str, inode: int, size: int, mtime_ns: int, pixel_limit: int) -> str | None:
+    return _check_image(path, None)
+
+
+def _check_image(path: str, storage_options: dict | None) -> str | None:
     try:
         data = _read_bytes(path, storage_options)
         with warnings.catch_warnings():
