@@ -5,6 +5,7 @@ unless PREFECT_API_URL points at a real one; MLflow on SQLite in the work dir), 
 the commands to browse the runs::
 
     .venv/bin/python -m flows.demo [--work-dir runs/demo] [--categories brick gravel] [--preset fast] [--image-size 224]
+                                   [--dask-workers 2 | --dask-address tcp://host:8786]
 
 The detector starts from the `offline` preset (offline ImageNet weights, patchcore_core.config.PRESETS);
 every settings flag of `patchcore fit` is accepted and overrides it.
@@ -28,12 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=os.environ.get("PATCHCORE_WORK_DIR", "runs/demo"))
     parser.add_argument("--categories", nargs="*", default=None, help="demo categories (default: all three)")
     parser.add_argument("--data-url", default=None, help="skip the demo dataset and benchmark this URL instead")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                       help="run categories and shards in parallel on a local Dask cluster of N worker processes "
+                            "(127.0.0.1, PATCHCORE_DASK_THREADS_PER_WORKER threads each, default 1)")
+    scale.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                       help="run them on this existing Dask scheduler (its workers must see the work dir)")
     # Every detector setting of the schema; the demo starts from the `offline` preset (offline weights only),
     # `--preset fast` is the quick one, and any flag overrides a preset's value.
     add_cli_options(parser)
     args = parser.parse_args(argv)
     try:
         config = from_cli(args, base=preset_values("offline"))
+        if args.dask_workers is not None and args.dask_workers < 1:
+            raise ConfigError(f"setting --dask-workers: must be >= 1 (got {args.dask_workers})")
     except ConfigError as exc:
         print(f"python -m flows.demo: error: {exc}", file=sys.stderr)
         return 2
@@ -64,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.tracking import markdown_table, results_table
 
     print(f"settings: {json.dumps(config.model_dump())}", flush=True)
+    if args.dask_workers:
+        print(f"stages run on a local Dask cluster of {args.dask_workers} workers on 127.0.0.1", flush=True)
+    elif args.dask_address:
+        print(f"stages run on the Dask scheduler at {args.dask_address}", flush=True)
     runs = patchcore(mode="full-benchmark", data_url=data_url, categories=args.categories, config=config,
-                     work_dir=str(work))
+                     work_dir=str(work), dask_address=args.dask_address, dask_workers=args.dask_workers)
     tracking = os.environ["MLFLOW_TRACKING_URI"]
     print("\nPatchCore full benchmark (image AUROC, pixel AUROC, AU-PRO):\n")
     print(markdown_table(results_table(runs)))

@@ -27,7 +27,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set torch and faiss (OpenMP) thread counts explicitly; both bring OpenMP and may deadlock otherwise.
+    """Set torch, faiss (OpenMP) and numba thread counts explicitly; torch and faiss both bring OpenMP and may
+    deadlock otherwise, and a process sharing its cores (a Dask worker) must not use more than its share.
 
     `num_threads` defaults to $PATCHCORE_THREADS or the number of usable cores.
     """
@@ -46,6 +47,12 @@ def configure_threads(num_threads: int | None = None) -> int:
     import faiss
 
     faiss.omp_set_num_threads(num_threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(num_threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency
+        pass
     return num_threads
 
 

@@ -10,7 +10,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from patchcore_core.errors import PatchCoreError
-from patchcore_core.runtime import Runtime
+from patchcore_core.runtime import Runtime, configure_threads
 from tasks.settings import get_settings
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -63,7 +63,27 @@ def log(message: str) -> None:
         print(message)
 
 
+def dask_task_threads(budget: int | None) -> int | None:
+    """Compute threads for a task on a Dask worker: the worker's budget (`budget`, i.e. its PATCHCORE_THREADS, else
+    its thread count) shared among the tasks it runs at once (its thread count); None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+
+        slots = int(get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return None
+    return max(1, (budget or slots) // slots)
+
+
 def runtime() -> Runtime:
-    """Device and threads from the pipeline settings (environment), progress to the run log."""
+    """Device and threads from the pipeline settings (environment), progress to the run log.
+
+    On a Dask worker the tasks running at once share its compute threads (`dask_task_threads`): a worker started
+    with `--nthreads 1` and PATCHCORE_THREADS=8 runs one task on 8 torch / faiss / numba threads, one with
+    `--nthreads 4` and no PATCHCORE_THREADS runs 4 tasks on 1 thread each; a worker never runs more.
+    Thread counts are set here, in the thread that runs the task: OpenMP keeps them per thread, and a task runner's
+    thread would otherwise use every core (and other bits than a run with the configured count).
+    """
     settings = get_settings()
-    return Runtime(device=settings.device, num_threads=settings.threads, log=log)
+    threads = configure_threads(dask_task_threads(settings.threads) or settings.threads)
+    return Runtime(device=settings.device, num_threads=threads, log=log)

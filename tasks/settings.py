@@ -31,6 +31,16 @@ class PipelineSettings(BaseSettings):
     )
     retention_days: float | None = Field(
         None, ge=0, description="`python -m tasks.gc` removes stage folders unused for this many days (none: keep)")
+    images_per_shard: int = Field(
+        32, ge=1, description="images per feature shard: the unit of work a cluster spreads (one task per shard)")
+    dask_address: str | None = Field(
+        None, description="run the flows' tasks on this Dask scheduler (tcp://host:8786); the work dir must be shared")
+    dask_workers: int | None = Field(
+        None, ge=1, description="else, when set: a local Dask cluster of this many worker processes on 127.0.0.1")
+    dask_threads_per_worker: int = Field(
+        1, ge=1, description="threads of each local Dask worker (torch, faiss and numba use as many per task)")
+    dask_memory_limit: str = Field(
+        "auto", description="memory limit of each local Dask worker (Dask syntax: 4GiB, auto = RAM / workers)")
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("PATCHCORE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
     )

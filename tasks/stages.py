@@ -22,10 +22,19 @@ def fetch_category(data_url: str, category: str, work_dir: str) -> fetch.FetchRe
     return fetch.run(data_url, category, work_dir, get_settings().storage_options(data_url), log=log)
 
 
+@task(name="extract-part", task_run_name="extract-{fetched.category}-{split}-{index}", **STAGE_TASK)
+def extract_part(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str, index: int,
+                 images_per_shard: int = extract.IMAGES_PER_SHARD) -> bool:
+    """Write (or reuse) shard `index` of a split; True when it was written."""
+    shard = extract.plan(fetched, params, split, work_dir, images_per_shard).shards[index]
+    return extract.write_part(shard, params, runtime())
+
+
 @task(name="extract", task_run_name="extract-{fetched.category}-{split}", **STAGE_TASK)
-def extract_features(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str,
-                     split: str = "train") -> extract.SplitFeatures:
-    result = extract.run(fetched, params, split, work_dir, runtime())
+def finish_extract(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str,
+                   written: list[bool], images_per_shard: int = extract.IMAGES_PER_SHARD) -> extract.SplitFeatures:
+    """Mark a split's shards complete once every part task has run; `written` holds their results."""
+    result = extract.finish(extract.plan(fetched, params, split, work_dir, images_per_shard), sum(written))
     touch_used(*{Path(p).parent for p in result.shards})  # retention (tasks.gc) counts from the last use
     log(f"{fetched.category}/{split}: {len(result.shards)} shards ({result.n_reused} reused, "
         f"{result.n_written} written)")
@@ -55,10 +64,17 @@ def build_index(selected: coreset.CoresetResult, params: DetectorParams, work_di
     return result
 
 
+@task(name="score-part", task_run_name="score-{model.category}-{index}", **STAGE_TASK)
+def score_part(model: index.ModelResult, features: extract.SplitFeatures, work_dir: str, index: int) -> str:
+    """Score test shard `index` into its part of the score stage."""
+    return score.score_part(model, features, index, work_dir, runtime())
+
+
 @task(name="score", task_run_name="score-{model.category}", **STAGE_TASK)
-def score_test_split(model: index.ModelResult, features: extract.SplitFeatures, fetched: fetch.FetchResult,
-                     work_dir: str) -> score.ScoreResult:
-    result = score.run(model, features, fetched, work_dir, runtime())
+def merge_scores(model: index.ModelResult, features: extract.SplitFeatures, fetched: fetch.FetchResult,
+                 work_dir: str, parts: list[str]) -> score.ScoreResult:
+    """Assemble the score parts into predictions.parquet and the maps, once every part task has run."""
+    result = score.merge(model, features, fetched, work_dir, runtime())
     touch_used(Path(result.predictions).parent)
     return result
 

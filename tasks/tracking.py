@@ -134,9 +134,11 @@ def end_run(work_dir: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(work_dir: str, experiment: str, run_name: str, **kwargs: Any) -> Iterator[str]:
-    """An MLflow run for the block: its id is yielded; it ends FINISHED, or FAILED if the block raises."""
-    run_id = start_run(work_dir, experiment, run_name, **kwargs)
+def tracked_run(work_dir: str, experiment: str, run_name: str, run_id: str | None = None,
+                **kwargs: Any) -> Iterator[str]:
+    """An MLflow run for the block (a new one, or `run_id` started earlier): its id is yielded; it ends FINISHED,
+    or FAILED if the block raises."""
+    run_id = run_id or start_run(work_dir, experiment, run_name, **kwargs)
     try:
         yield run_id
     except BaseException:

@@ -37,7 +37,9 @@ def reference_scores(data_root: Path, category: str) -> np.ndarray:
     """PatchCore.fit/predict on the same images and settings, outside any pipeline."""
     from patchcore_core.baselines import make_detector
     from patchcore_core.data import list_category
+    from patchcore_core.runtime import configure_threads
 
+    configure_threads()  # this thread's OpenMP count = PATCHCORE_THREADS, as in the pipeline's task threads
     listing = list_category(str(data_root), category)
     model = make_detector("patchcore", strict=False, **CONFIG.estimator_params(), device="cpu", progress=False)
     model.fit([s.path for s in listing.train])
@@ -143,7 +145,8 @@ def test_full_benchmark_end_to_end(pipeline_env, s3_dataset):
                       work_dir=work, return_state=True)
     assert again.is_completed(), again.message
     states = stage_states(again.state_details.flow_run_id)
-    assert len(states) == 7 and set(states.values()) == {"Completed"}, states
+    # fetch, extract (a part task per shard + the split's), coreset, index, score (a part + the merge), metrics
+    assert len(states) == 10 and set(states.values()) == {"Completed"}, states
     assert file_stamps(*outputs) == before, "a rerun with unchanged inputs rewrote stage outputs"
     # The same model fingerprint registers no new version: version 1 gets the new run's tags.
     [rerun] = again.result()

@@ -131,3 +131,47 @@ def test_worker_runs_the_nightly_retrain_deployment(prefect_server, s3_server, s
     assert {str(v.version) for v in registry.search_model_versions("name = 'patchcore-brick'")} == {"1", "2"}
     run = registry.get_run(champion.run_id)
     assert run.info.status == "FINISHED" and run.data.params["backbone"] == "efficientnet_lite0"
+
+
+def test_categories_run_as_separate_flow_runs_on_the_pool(prefect_server, s3_server, s3_dataset, tmp_path):
+    """full-benchmark with `category_deployment`: each category is a flow run of patchcore/benchmark-category
+    that the worker starts in its own process, in parallel (limit 3: the parent and both categories); the parent
+    collects the results table."""
+    from mlflow import MlflowClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    servers = load_local_servers()
+    mlflow_server = servers.MlflowServer(tmp_path / "mlflow").start()
+    worker_env = {**prefect_server.client_env, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.url,
+                  "PATCHCORE_WORK_DIR": str(tmp_path / "work"), "PATCHCORE_THREADS": "1",
+                  "PATCHCORE_DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_WAIT_POLICY": "PASSIVE",
+                  "PATH": f"{servers.BIN}:{prefect_server.client_env.get('PATH', '')}"}
+    worker = servers.Process([str(servers.BIN / "prefect"), "worker", "start", "--pool", "patchcore-process",
+                              "--limit", "3"], tmp_path / "worker.log", env=worker_env, cwd=REPO)
+    try:
+        worker.start()
+        done = prefect_server.cli(
+            "deployment", "run", "patchcore/full-benchmark", "-p", f"data_url={s3_dataset}",
+            "-p", f"config={json.dumps(OFFLINE_CONFIG)}",
+            "-p", "category_deployment=benchmark-category/benchmark-category",
+            "--watch", "--watch-timeout", "600", timeout=660)
+        assert "Completed" in done.stdout, done.stdout[-3000:] + worker.tail(80)
+        with _client(prefect_server) as client:
+            children = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["benchmark-category"])))
+    finally:
+        worker.stop()
+        mlflow_server.stop()
+    assert sorted(r.parameters["category"] for r in children) == ["brick", "gravel"]
+    assert all(r.state.is_completed() and r.parent_task_run_id is not None for r in children)
+    first, second = sorted(children, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time, "the two categories did not run at the same time"
+
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(store, store)
+    exp = client.get_experiment_by_name("patchcore-benchmark")
+    [parent] = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'full-benchmark'")
+    assert parent.info.status == "FINISHED" and "mean_image_auroc" in parent.data.metrics
+    nested = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["mlflow.runName"] for r in nested) == ["brick", "gravel"]
+    assert {r.data.tags["prefect.flow_run_id"] for r in nested} == {str(r.id) for r in children}

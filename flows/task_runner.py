@@ -1,0 +1,47 @@
+"""Which task runner the flows submit their stage tasks to: one thread (the default), or a Dask cluster.
+
+    default                         ThreadPoolTaskRunner(max_workers=1): the stages run one after another in
+                                    the flow's process, exactly as a plain function call would
+    PATCHCORE_DASK_ADDRESS=tcp://…  prefect-dask's DaskTaskRunner on that existing scheduler
+    PATCHCORE_DASK_WORKERS=N        a local Dask cluster of N worker processes on 127.0.0.1
+                                    (PATCHCORE_DASK_THREADS_PER_WORKER threads each, PATCHCORE_DASK_MEMORY_LIMIT)
+
+Every submitted task carries its inputs (typed stage results, no arrays) and writes its outputs to the shared
+work dir, so the results are the same bits on any runner with the same threads per task. On a Dask worker the
+tasks running at once share the worker's compute threads (tasks.common.runtime).
+"""
+
+from __future__ import annotations
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from tasks.settings import get_settings
+
+
+def task_runner(dask_address: str | None = None, dask_workers: int | None = None) -> TaskRunner:
+    """The runner the arguments ask for, else the one the environment (PATCHCORE_DASK_*) asks for."""
+    settings = get_settings()
+    if dask_address is None and dask_workers is None:
+        dask_address, dask_workers = settings.dask_address, settings.dask_workers
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    if dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(
+            dask_workers, settings.dask_threads_per_worker, settings.dask_memory_limit))
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def local_cluster_kwargs(workers: int, threads_per_worker: int = 1, memory_limit: str = "auto") -> dict:
+    """A loopback-only LocalCluster of worker processes (no dashboard: nothing listens beyond the scheduler)."""
+    if workers < 1 or threads_per_worker < 1:
+        from patchcore_core.errors import ConfigError
+
+        raise ConfigError(f"setting dask workers/threads: must be >= 1 (got {workers} x {threads_per_worker})")
+    # The workers' compute budget is their own thread count, whatever PATCHCORE_THREADS the flow process has.
+    return {"n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": None, "memory_limit": memory_limit,
+            "env": {"PATCHCORE_THREADS": str(threads_per_worker)}}

@@ -1,0 +1,136 @@
+"""Scale-out on Dask (issue #11): the same flows on prefect-dask's DaskTaskRunner give the same bits.
+
+Real clusters only: `distributed.LocalCluster` worker processes on 127.0.0.1, as `PATCHCORE_DASK_ADDRESS` or
+`python -m flows.demo --dask-workers N` start them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from patchcore_core.config import DetectorParams
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = DetectorParams(backbone="efficientnet_lite0", resize=72, image_size=64, coreset_ratio=0.25, batch_size=4)
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def local_cluster(pipeline_env):
+    """Two single-threaded worker processes on loopback, started after the pipeline's environment is set."""
+    from distributed import Client, LocalCluster
+
+    from flows.task_runner import local_cluster_kwargs
+
+    with LocalCluster(**local_cluster_kwargs(2, 1)) as cluster, Client(cluster) as client:
+        yield cluster, client
+
+
+def outputs(runs) -> dict[str, dict]:
+    """Per category: metrics, scores and anomaly maps as written by the score stage."""
+    return {r.category: {"metrics": {k: v for k, v in json.loads(Path(r.evaluation.metrics_path).read_text()).items()
+                                     if "seconds" not in k},  # timings differ, nothing else may
+                         "scores": pd.read_parquet(r.scores.predictions)["score"].to_numpy(),
+                         "maps": np.load(r.scores.maps)} for r in runs}
+
+
+def test_full_benchmark_on_a_dask_cluster_equals_the_single_process_run(pipeline_env, s3_dataset, local_cluster,
+                                                                        monkeypatch):
+    """Categories and shards run as tasks on both workers; the results table and the scores are the same bits."""
+    from flows.patchcore import patchcore
+    from tasks.tracking import results_table
+
+    cluster, client = local_cluster
+    monkeypatch.setenv("PATCHCORE_IMAGES_PER_SHARD", "4")  # 8 train, 6 test images: 2 shards per split
+    work = pipeline_env["work_dir"]
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        on_dask = patchcore(mode="full-benchmark", data_url=s3_dataset, config=CONFIG, work_dir=str(work / "dask"),
+                            dask_address=cluster.scheduler_address)
+    # every stage of both categories ran as a Dask task, spread over both worker processes
+    names = [t["key"] for t in stream.data]
+    workers = {t["worker"] for t in stream.data}
+    assert len(workers) == 2, workers
+    assert sum("extract_part" in n or "extract-part" in n for n in names) == 8, names  # 2 categories x 2 splits x 2
+    assert sum("score_part" in n or "score-part" in n for n in names) == 4, names
+
+    single = patchcore(mode="full-benchmark", data_url=s3_dataset, config=CONFIG, work_dir=str(work / "single"))
+    assert results_table(on_dask).equals(results_table(single))
+    a, b = outputs(on_dask), outputs(single)
+    assert list(a) == list(b) == ["brick", "gravel"]
+    for category in a:
+        assert a[category]["metrics"] == b[category]["metrics"]
+        np.testing.assert_array_equal(a[category]["scores"], b[category]["scores"])
+        np.testing.assert_array_equal(a[category]["maps"], b[category]["maps"])
+
+
+def test_a_failed_category_fails_alone_on_dask(pipeline_env, pipeline_dataset, tmp_path, local_cluster):
+    """A category whose images are broken fails with its own error; the other finishes and is in the table."""
+    import shutil
+
+    from prefect.states import State
+
+    from flows.patchcore import patchcore
+
+    cluster, _ = local_cluster
+    data = tmp_path / "data"
+    shutil.copytree(pipeline_dataset, data)
+    broken = sorted((data / "gravel" / "train" / "good").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    state: State = patchcore(mode="full-benchmark", data_url=str(data), config=CONFIG,
+                             work_dir=str(pipeline_env["work_dir"]), dask_address=cluster.scheduler_address,
+                             return_state=True)
+    assert state.is_failed()
+    assert "1 of 2 categories failed: gravel" in state.message, state.message
+    done = list(pipeline_env["work_dir"].glob("stages/brick/metrics-*/metrics.json"))
+    assert len(done) == 1
+    assert not list(pipeline_env["work_dir"].glob("stages/gravel/*"))  # gravel's fetch refused the file
+
+
+def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):
+    """A task uses its share of the worker's compute threads, whatever PATCHCORE_THREADS the flow process has."""
+    from distributed import Client, LocalCluster
+
+    from flows.task_runner import local_cluster_kwargs
+
+    def threads_in_task() -> tuple[int, int, int, int]:
+        import faiss
+        import numba
+        import torch
+
+        from tasks.common import runtime
+
+        return runtime().num_threads, torch.get_num_threads(), faiss.omp_get_max_threads(), numba.get_num_threads()
+
+    monkeypatch.setenv("PATCHCORE_THREADS", "2")  # inherited by the workers unless the cluster sets their own
+    for workers, threads, expected in ((1, 1, 1), (1, 2, 1)):
+        with LocalCluster(**local_cluster_kwargs(workers, threads)) as cluster, Client(cluster) as client:
+            results = client.gather([client.submit(threads_in_task, pure=False) for _ in range(4)])
+        assert set(results) == {(expected,) * 4}, (workers, threads, results)
+    # A worker whose budget (PATCHCORE_THREADS) exceeds its task slots gives each task its share.
+    kwargs = {**local_cluster_kwargs(1, 1), "env": {"PATCHCORE_THREADS": "2"}}
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        assert client.submit(threads_in_task).result() == (2, 2, 2, 2)
+
+
+def test_demo_with_dask_workers(tmp_path):
+    """`python -m flows.demo --dask-workers 2`: the main job on a local two-process cluster, end to end."""
+    env = {**os.environ, "PATCHCORE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.demo", "--work-dir", str(tmp_path / "demo"), "--categories", "brick",
+         "--dask-workers", "2", "--preset", "fast", "--image-size", "64", "--resize", "72"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "a local Dask cluster of 2 workers" in done.stdout, done.stdout[-2000:]
+    assert "| brick |" in done.stdout, done.stdout[-2000:]
