@@ -207,6 +207,25 @@ def run_category_deployments(deployment: str, categories: list[str], parameters:
     return {c: outcomes[c] for c in categories}
 
 
+def run_categories_here(
+    data_url: str, canary_url: str, categories: list[str], config: DetectorParams, work_dir: str, parent_run_id: str,
+    experiment: str, tags: Callable[[str], dict], subflow: Callable[[str, TrainedAndEvaluated, str], Any],
+) -> dict[str, Any | Exception]:
+    """Every category's stages at once on this flow's task runner, then `subflow(category, trained, run_id)` for
+    each (logging, registration, promotion) into its nested MLflow run, started first so that it is RUNNING
+    while the stages run (and swept if the process dies). Returns each subflow's result, or the error."""
+    nested = {c: start_run(work_dir, experiment, c, parent_run_id=parent_run_id, tags=tags(c)) for c in categories}
+    outcomes: dict[str, Any | Exception] = {}
+    for category, out in train_categories(data_url, canary_url, categories, config, work_dir).items():
+        if isinstance(out, Exception):
+            end_run(work_dir, nested[category], "FAILED")
+            outcomes[category] = out
+            continue
+        state = subflow(category, out, nested[category])
+        outcomes[category] = state.result() if state.is_completed() else RuntimeError(state.message)
+    return outcomes
+
+
 def category_tags(category: str, canary_url: str | None = None) -> dict[str, str]:
     """The tags of a category's nested MLflow run."""
     return {"category": category, **({"canary_url": canary_url} if canary_url else {})}
@@ -254,19 +273,12 @@ def full_benchmark(
         outcomes = run_category_deployments(category_deployment, categories, lambda c: {
             "data_url": data_url, "category": c, "config": config.model_dump(), "work_dir": work,
             "parent_run_id": parent, "experiment": experiment, "register_models": register_models})
-    else:  # nested runs first, so that they are RUNNING (and swept if the process dies) while the stages run
-        nested = {c: start_run(work, experiment, c, parent_run_id=parent, tags=category_tags(c)) for c in categories}
-        trained = train_categories(data_url, data_url, categories, config, work)
-        outcomes = {}
-        for category, out in trained.items():
-            if isinstance(out, Exception):
-                end_run(work, nested[category], "FAILED")
-                outcomes[category] = out
-                continue
-            state = benchmark_category.with_options(task_runner=ONE_THREAD)(
-                data_url, category, config, work, parent, experiment, register_models, trained=out,
-                mlflow_run_id=nested[category], return_state=True)
-            outcomes[category] = state.result() if state.is_completed() else RuntimeError(state.message)
+    else:
+        outcomes = run_categories_here(
+            data_url, data_url, categories, config, work, parent, experiment, category_tags,
+            lambda c, out, run_id: benchmark_category.with_options(task_runner=ONE_THREAD)(
+                data_url, c, config, work, parent, experiment, register_models, trained=out, mlflow_run_id=run_id,
+                return_state=True))
     runs, failed = [], []
     for category, outcome in outcomes.items():
         if isinstance(outcome, Exception):
@@ -364,19 +376,11 @@ def nightly_retrain(
                 "work_dir": work, "parent_run_id": parent, "experiment": experiment, "metric": metric,
                 "min_delta": min_delta})
         else:
-            nested = {c: start_run(work, experiment, c, parent_run_id=parent, tags=category_tags(c, canary))
-                      for c in categories}
-            trained = train_categories(data_url, canary, categories, config, work)
-            outcomes = {}
-            for category, out in trained.items():
-                if isinstance(out, Exception):
-                    end_run(work, nested[category], "FAILED")
-                    outcomes[category] = out
-                    continue
-                state = retrain_category.with_options(task_runner=ONE_THREAD)(
-                    data_url, canary, category, config, work, parent, experiment, metric, min_delta, trained=out,
-                    mlflow_run_id=nested[category], return_state=True)
-                outcomes[category] = state.result() if state.is_completed() else RuntimeError(state.message)
+            outcomes = run_categories_here(
+                data_url, canary, categories, config, work, parent, experiment, lambda c: category_tags(c, canary),
+                lambda c, out, run_id: retrain_category.with_options(task_runner=ONE_THREAD)(
+                    data_url, canary, c, config, work, parent, experiment, metric, min_delta, trained=out,
+                    mlflow_run_id=run_id, return_state=True))
         decisions = [PromotionDecision.model_validate(o) for o in outcomes.values() if not isinstance(o, Exception)]
         failed = [c for c, o in outcomes.items() if isinstance(o, Exception)]
         for category in failed:

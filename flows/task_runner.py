@@ -44,4 +44,4 @@ def local_cluster_kwargs(workers: int, threads_per_worker: int = 1, memory_limit
     # The workers' compute budget is their own thread count, whatever PATCHCORE_THREADS the flow process has.
     return {"n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True,
             "host": "127.0.0.1", "dashboard_address": None, "memory_limit": memory_limit,
-            "env": {"PATCHCORE_THREADS": str(threads_per_worker)}}
+            "env": {"PATCHCORE_THREADS": str(threads_per_worker), "NUMBA_NUM_THREADS": str(threads_per_worker)}}

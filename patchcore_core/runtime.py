@@ -27,8 +27,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set torch, faiss (OpenMP) and numba thread counts explicitly; torch and faiss both bring OpenMP and may
-    deadlock otherwise, and a process sharing its cores (a Dask worker) must not use more than its share.
+    """Set torch and faiss (OpenMP) thread counts explicitly; both bring OpenMP and may deadlock otherwise, and a
+    process sharing its cores (a Dask worker) must not use more than its share. (The numba kernels are serial;
+    starting numba's own thread pool here would perturb torch's OpenMP and change later results by an ulp, so a
+    process's numba pool is bounded by NUMBA_NUM_THREADS at start instead: flows/task_runner.py.)
 
     `num_threads` defaults to $PATCHCORE_THREADS or the number of usable cores.
     """
@@ -47,12 +49,6 @@ def configure_threads(num_threads: int | None = None) -> int:
     import faiss
 
     faiss.omp_set_num_threads(num_threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(num_threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # pragma: no cover - numba is a dependency
-        pass
     return num_threads
 
 

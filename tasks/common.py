@@ -79,7 +79,7 @@ def runtime() -> Runtime:
     """Device and threads from the pipeline settings (environment), progress to the run log.
 
     On a Dask worker the tasks running at once share its compute threads (`dask_task_threads`): a worker started
-    with `--nthreads 1` and PATCHCORE_THREADS=8 runs one task on 8 torch / faiss / numba threads, one with
+    with `--nthreads 1` and PATCHCORE_THREADS=8 runs one task on 8 torch / faiss threads, one with
     `--nthreads 4` and no PATCHCORE_THREADS runs 4 tasks on 1 thread each; a worker never runs more.
     Thread counts are set here, in the thread that runs the task: OpenMP keeps them per thread, and a task runner's
     thread would otherwise use every core (and other bits than a run with the configured count).

@@ -73,7 +73,8 @@ def test_full_benchmark_on_a_dask_cluster_equals_the_single_process_run(pipeline
         np.testing.assert_array_equal(a[category]["maps"], b[category]["maps"])
 
 
-def test_a_failed_category_fails_alone_on_dask(pipeline_env, pipeline_dataset, tmp_path, local_cluster):
+@pytest.mark.parametrize("on_dask", [True, False], ids=["dask", "one-thread"])
+def test_a_failed_category_fails_alone(pipeline_env, pipeline_dataset, tmp_path, request, on_dask):
     """A category whose images are broken fails with its own error; the other finishes and is in the table."""
     import shutil
 
@@ -81,14 +82,13 @@ def test_a_failed_category_fails_alone_on_dask(pipeline_env, pipeline_dataset, t
 
     from flows.patchcore import patchcore
 
-    cluster, _ = local_cluster
+    address = request.getfixturevalue("local_cluster")[0].scheduler_address if on_dask else None
     data = tmp_path / "data"
     shutil.copytree(pipeline_dataset, data)
     broken = sorted((data / "gravel" / "train" / "good").iterdir())[0]
     broken.write_bytes(b"not an image")
     state: State = patchcore(mode="full-benchmark", data_url=str(data), config=CONFIG,
-                             work_dir=str(pipeline_env["work_dir"]), dask_address=cluster.scheduler_address,
-                             return_state=True)
+                             work_dir=str(pipeline_env["work_dir"]), dask_address=address, return_state=True)
     assert state.is_failed()
     assert "1 of 2 categories failed: gravel" in state.message, state.message
     done = list(pipeline_env["work_dir"].glob("stages/brick/metrics-*/metrics.json"))
@@ -97,7 +97,8 @@ def test_a_failed_category_fails_alone_on_dask(pipeline_env, pipeline_dataset, t
 
 
 def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):
-    """A task uses its share of the worker's compute threads, whatever PATCHCORE_THREADS the flow process has."""
+    """A task uses its share of the worker's compute threads (torch, faiss), whatever PATCHCORE_THREADS the flow
+    process has; numba's pool is the worker's budget (the project's numba kernels are serial)."""
     from distributed import Client, LocalCluster
 
     from flows.task_runner import local_cluster_kwargs
@@ -109,15 +110,17 @@ def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):
 
         from tasks.common import runtime
 
-        return runtime().num_threads, torch.get_num_threads(), faiss.omp_get_max_threads(), numba.get_num_threads()
+        # numba's pool size is read at its import (NUMBA_NUM_THREADS); asking numba for it would start the pool
+        return (runtime().num_threads, torch.get_num_threads(), faiss.omp_get_max_threads(),
+                numba.config.NUMBA_NUM_THREADS)
 
     monkeypatch.setenv("PATCHCORE_THREADS", "2")  # inherited by the workers unless the cluster sets their own
     for workers, threads, expected in ((1, 1, 1), (1, 2, 1)):
         with LocalCluster(**local_cluster_kwargs(workers, threads)) as cluster, Client(cluster) as client:
             results = client.gather([client.submit(threads_in_task, pure=False) for _ in range(4)])
-        assert set(results) == {(expected,) * 4}, (workers, threads, results)
+        assert set(results) == {(expected, expected, expected, threads)}, (workers, threads, results)
     # A worker whose budget (PATCHCORE_THREADS) exceeds its task slots gives each task its share.
-    kwargs = {**local_cluster_kwargs(1, 1), "env": {"PATCHCORE_THREADS": "2"}}
+    kwargs = {**local_cluster_kwargs(1, 1), "env": {"PATCHCORE_THREADS": "2", "NUMBA_NUM_THREADS": "2"}}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         assert client.submit(threads_in_task).result() == (2, 2, 2, 2)
 

@@ -21,7 +21,7 @@ from patchcore_core.artifacts import StageDir, fingerprint
 from patchcore_core.config import DetectorParams
 from patchcore_core.data import CategoryListing, list_category
 from patchcore_core.errors import DataError
-from patchcore_core.runtime import DEFAULT_RUNTIME, Runtime
+from patchcore_core.runtime import DEFAULT_RUNTIME, Runtime, configure_threads
 from patchcore_core.stages.fetch import FetchResult, read_manifest
 
 __all__ = ["SplitFeatures", "SplitPlan", "ShardPlan", "run", "plan", "write_part", "finish", "n_shards", "relpath"]
@@ -117,7 +117,8 @@ def plan(fetched: FetchResult, params: DetectorParams, split: str, work_dir: str
 
 @functools.lru_cache(maxsize=1)
 def _feature_model(estimator_params: str, device: str, num_threads: int | None):
-    """The backbone of one settings, built once per process (every shard task of a worker reuses it)."""
+    """The backbone of one settings, built once per process: every shard task of a worker, every split and every
+    category with these settings reuse it (its weights are small next to a coreset's working set)."""
     from patchcore_core.baselines import make_detector
 
     return make_detector("patchcore", strict=False, **json.loads(estimator_params), device=device,
@@ -131,6 +132,8 @@ def write_part(shard: ShardPlan, params: DetectorParams, runtime: Runtime = DEFA
         return False
     model = _feature_model(json.dumps(params.estimator_params(), sort_keys=True), runtime.device,
                            runtime.num_threads)
+    if runtime.num_threads is not None:  # in this thread, now: the cached model set them once, maybe elsewhere
+        configure_threads(runtime.num_threads)
     batches = list(model.iter_features(shard.image_paths))
     meta = {"fingerprint": shard.fingerprint, "grid": list(batches[-1][1]), "relpaths": shard.relpaths}
     shard_io.write_shard(Path(shard.path), np.concatenate([b[0] for b in batches]), shard.first, meta,
@@ -147,7 +150,6 @@ def finished(split: SplitPlan) -> SplitFeatures | None:
 
 def finish(split: SplitPlan, n_written: int = 0) -> SplitFeatures:
     """Check every shard is complete, drop stale ones, and write the partition marker (last, once)."""
-    _feature_model.cache_clear()  # the split's backbone work is over: free it before the memory-heavy coreset
     if (done := finished(split)) is not None:
         return done
     incomplete = [s.path for s in split.shards if not shard_io.shard_is_complete(s.path, s.fingerprint)]
