@@ -36,12 +36,13 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
 
 
 def local_cluster_kwargs(workers: int, threads_per_worker: int = 1, memory_limit: str = "auto") -> dict:
-    """A loopback-only LocalCluster of worker processes (no dashboard: nothing listens beyond the scheduler)."""
+    """A loopback-only LocalCluster of worker processes; its dashboard on a free loopback port (the link is in the
+    flow run's log), so that concurrent runs never collide on 8787."""
     if workers < 1 or threads_per_worker < 1:
         from patchcore_core.errors import ConfigError
 
         raise ConfigError(f"setting dask workers/threads: must be >= 1 (got {workers} x {threads_per_worker})")
     # The workers' compute budget is their own thread count, whatever PATCHCORE_THREADS the flow process has.
     return {"n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True,
-            "host": "127.0.0.1", "dashboard_address": None, "memory_limit": memory_limit,
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "memory_limit": memory_limit,
             "env": {"PATCHCORE_THREADS": str(threads_per_worker), "NUMBA_NUM_THREADS": str(threads_per_worker)}}
