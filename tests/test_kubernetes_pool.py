@@ -228,7 +228,8 @@ def _paths(obj, prefix: str = "") -> set[str]:
 
 def test_docs_dask_cluster_manifest_is_a_valid_gpu_cluster():
     """The DaskCluster of docs/kubernetes.md: pod specs the Kubernetes API knows, GPU workers that run one task at
-    a time on as many threads as their CPU request, the same image for scheduler and workers, the secrets and the shared claim of the pool."""
+    a time on as many threads as their CPU request, the same image for scheduler and workers, the secrets and
+    the shared claim of the pool."""
     import re
 
     doc = (REPO / "docs" / "kubernetes.md").read_text()
