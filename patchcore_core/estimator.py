@@ -29,7 +29,7 @@ from patchcore_core.artifacts import (
 )
 from patchcore_core.config import DetectorParams, validate_params
 from patchcore_core.errors import DataError, IncompatibleModelError
-from patchcore_core.runtime import configure_threads, resolve_device
+from patchcore_core.runtime import configure_threads, resolve_device, tune_allocator
 from patchcore_core.scoring import score_stream
 
 Images = Sequence[str | os.PathLike] | torch.Tensor
@@ -74,6 +74,7 @@ class Detector(BaseEstimator):
     def _runtime(self) -> torch.device:
         """Set the thread count (when given) and resolve the device once."""
         if getattr(self, "device_", None) is None:
+            tune_allocator()
             if self.num_threads is not None:
                 configure_threads(self.num_threads)
             self.device_ = resolve_device(self.device)
