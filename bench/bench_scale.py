@@ -393,12 +393,11 @@ def write_report(results: list[dict], same: dict[str, bool], costs: dict, counts
                            + per_config[0].get("extract-test-part", 0)))
     lines += [
         "",
-        f"Extraction takes {extract_ratio:.1f}x the time on a Dask worker process that it takes in the flow "
-        "process, with one task at a time (the coreset, calibration and scoring do not change): a backbone "
-        "forward pass alone measured 1.4x more CPU seconds (`time.thread_time`) in a `LocalCluster` worker than "
-        "in the flow process or in a plain `multiprocessing` spawn child. Not the cause (each tried): malloc "
-        "trim threshold, OMP_NUM_THREADS, Dask's profiler, GC, import order, denormals, the thread the task runs "
-        "in. Left open.",
+        f"Extraction takes {extract_ratio:.1f}x the time on one Dask worker that it takes in the flow process "
+        "(same tasks, one at a time). The cause was glibc's allocator: Dask starts workers with "
+        "MALLOC_TRIM_THRESHOLD_=65536, which also freezes the mmap threshold at 128 KiB, so each activation "
+        "buffer page-faulted; `runtime.tune_allocator` (mallopt: 64 MiB mmap, 256 MiB trim threshold) now runs in "
+        "every process, workers included. bench/results/allocator.md measures one forward pass both ways.",
     ]
     lines += [
         "",
