@@ -17,7 +17,7 @@ x = torch.rand(8, 32, 112, 112)  # a Lite0-sized activation, 12.8 MB
 for _ in range(3):
     (x * 2).sum()  # warm
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(60):
     (x * 2).sum()  # a fresh 12.8 MB buffer each time
 print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -35,5 +35,6 @@ def test_tuned_allocator_reuses_large_buffers_without_page_faults():
     on, tuned = run({"PATCHCORE_TUNE_MALLOC": "1"})
     off, untuned = run({"PATCHCORE_TUNE_MALLOC": "0", "MALLOC_TRIM_THRESHOLD_": "65536"})  # as Dask starts workers
     assert (on, off) == ("True", "False")
-    # untuned, each 12.8 MB buffer is a fresh mmap: ~3,100 faults apiece; tuned, the heap reuses it
-    assert untuned > 20 * 1000 and tuned < untuned / 10, (tuned, untuned)
+    # untuned, each 12.8 MB buffer is a fresh mmap: ~3,100 faults apiece; tuned, the heap reuses it (a few
+    # first touches remain, more when the machine is busy)
+    assert untuned > 60 * 2000 and tuned < untuned / 5, (tuned, untuned)
