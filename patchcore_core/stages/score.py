@@ -92,9 +92,16 @@ PARTS_DIR = "parts"
 
 def stage_dir(model: ModelResult, test: SplitFeatures, work_dir: str | os.PathLike) -> StageDir:
     """The score folder of (these model bytes, these test features): the parts and the final artifacts."""
-    model_dir = Path(model.model_dir)
+    files = [Path(model.model_dir) / f for f in MODEL_FILES]
+    stamped = tuple((str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
     return StageDir.of(Path(work_dir) / "stages", test.category, "score",
-                       fingerprint("score", file_digest(model_dir / f for f in MODEL_FILES), test.fingerprint))
+                       fingerprint("score", _model_digest(stamped), test.fingerprint))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_digest(stamped: tuple[tuple[str, int, int, int], ...]) -> str:
+    """sha256 of a model's files, read once per process while they are unchanged (every score part asks)."""
+    return file_digest(path for path, *_ in stamped)
 
 
 @functools.lru_cache(maxsize=1)
