@@ -60,6 +60,7 @@ from tasks.stages import (
     finish_extract,
     fit_and_score_baseline,
     merge_scores,
+    plan_extract,
     score_part,
     select_coreset,
 )
@@ -95,9 +96,9 @@ def list_categories(data_url: str) -> list[str]:
 def submit_features(fetched: FetchResult, config: DetectorParams, work_dir: str, split: str) -> PrefectFuture:
     """One extraction task per shard of the split, then the task that marks the split complete."""
     size = get_settings().images_per_shard  # read once here, so that every worker cuts the same shards
-    parts = [extract_part.submit(fetched, config, work_dir, split, i, size)
-             for i in range(extract.n_shards(fetched, split, size))]
-    return finish_extract.submit(fetched, config, work_dir, split, parts, size)
+    split_plan = plan_extract.submit(fetched, config, work_dir, split, size)
+    parts = [extract_part.submit(split_plan, config, i) for i in range(extract.n_shards(fetched, split, size))]
+    return finish_extract.submit(split_plan, parts)
 
 
 def submit_scores(model: Any, test: Any, canary: FetchResult, work_dir: str) -> PrefectFuture:

@@ -22,21 +22,25 @@ def fetch_category(data_url: str, category: str, work_dir: str) -> fetch.FetchRe
     return fetch.run(data_url, category, work_dir, get_settings().storage_options(data_url), log=log)
 
 
-@task(name="extract-part", task_run_name="extract-{fetched.category}-{split}-{index}", **STAGE_TASK)
-def extract_part(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str, index: int,
-                 images_per_shard: int = extract.IMAGES_PER_SHARD) -> bool:
-    """Write (or reuse) shard `index` of a split; True when it was written."""
-    shard = extract.plan(fetched, params, split, work_dir, images_per_shard).shards[index]
-    return extract.write_part(shard, params, runtime())
+@task(name="plan-extract", task_run_name="plan-{fetched.category}-{split}", **STAGE_TASK)
+def plan_extract(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str,
+                 images_per_shard: int = extract.IMAGES_PER_SHARD) -> extract.SplitPlan:
+    """List the split and fingerprint its shards once; every part task and the finish read this plan."""
+    return extract.plan(fetched, params, split, work_dir, images_per_shard)
 
 
-@task(name="extract", task_run_name="extract-{fetched.category}-{split}", **STAGE_TASK)
-def finish_extract(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str,
-                   written: list[bool], images_per_shard: int = extract.IMAGES_PER_SHARD) -> extract.SplitFeatures:
+@task(name="extract-part", task_run_name="extract-{split_plan.category}-{split_plan.split}-{index}", **STAGE_TASK)
+def extract_part(split_plan: extract.SplitPlan, params: DetectorParams, index: int) -> bool:
+    """Write (or reuse) shard `index` of the planned split; True when it was written."""
+    return extract.write_part(split_plan.shards[index], params, runtime())
+
+
+@task(name="extract", task_run_name="extract-{split_plan.category}-{split_plan.split}", **STAGE_TASK)
+def finish_extract(split_plan: extract.SplitPlan, written: list[bool]) -> extract.SplitFeatures:
     """Mark a split's shards complete once every part task has run; `written` holds their results."""
-    result = extract.finish(extract.plan(fetched, params, split, work_dir, images_per_shard), sum(written))
+    result = extract.finish(split_plan, sum(written))
     touch_used(*{Path(p).parent for p in result.shards})  # retention (tasks.gc) counts from the last use
-    log(f"{fetched.category}/{split}: {len(result.shards)} shards ({result.n_reused} reused, "
+    log(f"{split_plan.category}/{split_plan.split}: {len(result.shards)} shards ({result.n_reused} reused, "
         f"{result.n_written} written)")
     return result
 

@@ -62,6 +62,7 @@ def test_full_benchmark_on_a_dask_cluster_equals_the_single_process_run(pipeline
     assert len(workers) == 2, workers
     assert sum("extract_part" in n or "extract-part" in n for n in names) == 8, names  # 2 categories x 2 splits x 2
     assert sum("score_part" in n or "score-part" in n for n in names) == 4, names
+    assert sum("plan_extract" in n or "plan-extract" in n for n in names) == 4, names  # each split listed once
 
     single = patchcore(mode="full-benchmark", data_url=s3_dataset, config=CONFIG, work_dir=str(work / "single"))
     assert results_table(on_dask).equals(results_table(single))
