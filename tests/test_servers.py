@@ -88,8 +88,10 @@ def test_scheduler_creates_runs_for_every_nightly_schedule(prefect_server):
 
 def test_worker_runs_the_nightly_retrain_deployment(prefect_server, s3_server, s3_dataset, tmp_path):
     """`prefect deployment run patchcore/nightly-retrain` picked up by `prefect worker start`, against
-    SeaweedFS S3 and `mlflow server`: the run completes and the category has a champion."""
+    SeaweedFS S3 and `mlflow server`: the run completes and the category has a champion. The second run fans its
+    category out to patchcore/retrain-category (`category_deployment`), as a product line with many would."""
     from mlflow import MlflowClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     servers = load_local_servers()
     mlflow_server = servers.MlflowServer(tmp_path / "mlflow").start()
@@ -101,17 +103,24 @@ def test_worker_runs_the_nightly_retrain_deployment(prefect_server, s3_server, s
     for quiet in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "TQDM_DISABLE"):  # the pipeline's own defaults apply
         worker_env.pop(quiet, None)
     worker = servers.Process([str(servers.BIN / "prefect"), "worker", "start", "--pool", "patchcore-process",
-                              "--limit", "1"], tmp_path / "worker.log", env=worker_env, cwd=REPO)
+                              "--limit", "2"], tmp_path / "worker.log", env=worker_env, cwd=REPO)
     started = time.monotonic()
     try:
         worker.start()
-        for config in (OFFLINE_CONFIG, {**OFFLINE_CONFIG, "coreset_ratio": 0.5}):  # v1, then v2 against v1
+        # v1 in the parent's process, then v2 against v1 in a flow run of its own
+        per_category = ["-p", "category_deployment=retrain-category/retrain-category"]
+        for config, fan_out in ((OFFLINE_CONFIG, []), ({**OFFLINE_CONFIG, "coreset_ratio": 0.5}, per_category)):
             done = prefect_server.cli(
                 "deployment", "run", "patchcore/nightly-retrain", "-p", f"data_url={s3_dataset}",
                 "-p", 'categories=["brick"]', "-p", "product_line=test-line", "-p", f"config={json.dumps(config)}",
-                "--watch", "--watch-timeout", "600", timeout=660)
+                *fan_out, "--watch", "--watch-timeout", "600", timeout=660)
             assert "Completed" in done.stdout, done.stdout[-3000:] + worker.tail(80)
         elapsed = time.monotonic() - started
+        with _client(prefect_server) as client:
+            [child] = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["retrain-category"])))
+        assert child.state.is_completed() and child.parent_task_run_id is not None
+        assert child.parameters["category"] == "brick"
     finally:
         worker.stop()
         log = worker.tail(400)
