@@ -4,9 +4,10 @@
 
 * MLflow runs left RUNNING by a dead process are marked FAILED. Every run the pipeline starts is tagged with
   the host, pid and the process's start time (`patchcore.host`, `patchcore.pid`, `patchcore.pid_start`); a
-  run is dead when that process no longer exists on this host (a reused pid has another start time). Runs
-  of other hosts are left to a sweep on their host. Every flow run of the full-benchmark and nightly-retrain
-  modes does this sweep first (`sweep_dead_runs`).
+  run is dead when that process no longer exists on this host (a reused pid has another start time). A run
+  of another host (a Kubernetes pod, another worker machine) is dead when Prefect has marked its flow run
+  Crashed or Cancelled: the heartbeat automation below does that when a pod dies. Every flow run of the
+  full-benchmark and nightly-retrain modes does this sweep first (`sweep_dead_runs`).
 * The Prefect flow run behind such an MLflow run (`prefect.flow_run_id` tag), and its parent flow runs, are
   set to Crashed when they are still RUNNING. Runs started by a worker are also covered by Prefect's own
   mechanism: flow runs emit heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default) and the automation
@@ -91,20 +92,56 @@ def sweep_dead_runs(tracking_uri: str, crash_flow_runs: bool = True, dry_run: bo
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     if not experiments:
         return report
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=5000)
+    dead = {r.info.run_id: f"process {r.data.tags[PID_TAG]} on {r.data.tags[HOST_TAG]} is gone"
+            for r in running if is_dead(r.data.tags)}
+    elsewhere = {r.data.tags["prefect.flow_run_id"]: r for r in running
+                 if r.data.tags.get(HOST_TAG) not in (None, socket.gethostname()) and r.data.tags.get(
+                     "prefect.flow_run_id")}
+    if crash_flow_runs and elsewhere:  # the pid cannot be checked from here: Prefect's state says
+        for flow_run_id, state in ended_flow_runs(list(elsewhere)).items():
+            tags = elsewhere[flow_run_id].data.tags
+            dead[elsewhere[flow_run_id].info.run_id] = f"its flow run {flow_run_id} on {tags[HOST_TAG]} is {state}"
     flow_runs: list[str] = []
-    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=5000):
-        tags = run.data.tags
-        if not is_dead(tags):
+    for run in running:
+        if run.info.run_id not in dead:
             continue
         report.failed_mlflow_runs.append(run.info.run_id)
-        if tags.get("prefect.flow_run_id"):
-            flow_runs.append(tags["prefect.flow_run_id"])
+        if run.data.tags.get("prefect.flow_run_id"):
+            flow_runs.append(run.data.tags["prefect.flow_run_id"])
         if not dry_run:
-            client.set_tag(run.info.run_id, "patchcore.gc", f"process {tags[PID_TAG]} on {tags[HOST_TAG]} is gone")
+            client.set_tag(run.info.run_id, "patchcore.gc", dead[run.info.run_id])
             client.set_terminated(run.info.run_id, "FAILED")
     if crash_flow_runs and flow_runs:
         report.crashed_flow_runs = crash_flow_run_chain(flow_runs, dry_run=dry_run)
     return report
+
+
+def ended_flow_runs(flow_run_ids: list[str]) -> dict[str, str]:
+    """Of these Prefect flow runs, those whose process Prefect knows is gone (Crashed: the heartbeat automation;
+    Cancelled), with that state's name. Needs a reachable Prefect API."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType as StateTypes
+    from prefect.client.schemas.objects import StateType
+
+    ids = []
+    for flow_run_id in flow_run_ids:
+        try:
+            ids.append(UUID(flow_run_id))
+        except ValueError:  # a hand-edited tag: nothing to ask Prefect
+            continue
+    ended = FlowRunFilterState(type=StateTypes(any_=[StateType.CRASHED, StateType.CANCELLED]))
+    found = {}
+    with get_client(sync_client=True) as client:
+        for first in range(0, len(ids), 200):  # the API's page size
+            chunk = ids[first:first + 200]
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk),
+                                                                           state=ended), limit=len(chunk)):
+                found[str(run.id)] = run.state.name if run.state is not None else "ended"
+    return found
 
 
 def crash_flow_run_chain(flow_run_ids: list[str], dry_run: bool = False) -> list[str]:

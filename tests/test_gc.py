@@ -134,3 +134,38 @@ def test_zombie_automation_is_created_once():
     assert automation.enabled and automation.trigger.posture.value == "Proactive"
     assert automation.trigger.within.total_seconds() == 600
     assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "CRASHED"
+
+
+def test_runs_of_another_host_are_swept_once_prefect_has_crashed_their_flow_run(tmp_path):
+    """A Kubernetes pod's runs: their pid cannot be checked from here, so Prefect's state decides. The flow run
+    Prefect marked Crashed (as its heartbeat automation does when a pod dies) has its MLflow run FAILED; the
+    one still running elsewhere is left alone."""
+    from mlflow import MlflowClient
+    from prefect import flow, get_client
+    from prefect.states import Crashed, Running
+
+    from tasks.gc import HOST_TAG, PID_TAG, START_TAG, sweep_dead_runs
+
+    @flow(name="pod-flow")
+    def pod_flow() -> None:
+        """Never run: only its flow runs are created, as a worker on another machine would have."""
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = MlflowClient(uri, uri)
+    experiment = mlflow.create_experiment("pods")
+    runs = {}
+    with get_client(sync_client=True) as prefect:
+        for pod in ("died", "alive"):
+            flow_run = prefect.create_flow_run(pod_flow, state=Running())
+            tags = {HOST_TAG: f"patchcore-worker-{pod}", PID_TAG: "1", START_TAG: "42",
+                    "prefect.flow_run_id": str(flow_run.id)}
+            runs[pod] = mlflow.create_run(experiment, tags=tags).info.run_id
+            if pod == "died":
+                prefect.set_flow_run_state(flow_run.id, Crashed(message="no heartbeat for 540s"), force=True)
+
+    report = sweep_dead_runs(uri)
+    assert report.failed_mlflow_runs == [runs["died"]]
+    died, alive = mlflow.get_run(runs["died"]), mlflow.get_run(runs["alive"])
+    assert died.info.status == "FAILED" and "is Crashed" in died.data.tags["patchcore.gc"]
+    assert "patchcore-worker-died" in died.data.tags["patchcore.gc"]
+    assert alive.info.status == "RUNNING" and "patchcore.gc" not in alive.data.tags
