@@ -97,6 +97,50 @@ def test_a_failed_category_fails_alone(pipeline_env, pipeline_dataset, tmp_path,
     assert not list(pipeline_env["work_dir"].glob("stages/gravel/*"))  # gravel's fetch refused the file
 
 
+def test_a_worker_killed_mid_shard_is_replaced_and_the_results_are_the_same(pipeline_env, pipeline_dataset,
+                                                                            local_cluster, monkeypatch):
+    """SIGKILL a worker process while it extracts a shard (as the OOM killer or Dask's memory limit would): its
+    nanny starts a new one, Dask reruns the lost tasks, the run completes with the one-process run's scores."""
+    import signal
+    import threading
+    import time
+
+    from flows.patchcore import patchcore
+
+    cluster, client = local_cluster
+    monkeypatch.setenv("PATCHCORE_IMAGES_PER_SHARD", "4")
+    killed: list[tuple[str, int]] = []
+
+    def kill_a_worker_running_extraction() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for worker, keys in client.processing().items():
+                if any("extract_part" in str(k) or "extract-part" in str(k) for k in keys):
+                    time.sleep(0.2)  # into the task: the first shard of a fresh worker loads the backbone
+                    pid = client.run(os.getpid, workers=[worker])[worker]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((worker, pid))
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_running_extraction)
+    killer.start()
+    work = pipeline_env["work_dir"]
+    state = patchcore(mode="full-benchmark", data_url=str(pipeline_dataset), categories=["brick"], config=CONFIG,
+                      work_dir=str(work / "dask"), dask_address=cluster.scheduler_address, return_state=True)
+    killer.join()
+    assert killed, "no extraction task was seen running"
+    assert state.is_completed(), state.message
+    assert not Path(f"/proc/{killed[0][1]}").exists()
+    client.wait_for_workers(2, timeout=60)  # the nanny replaced the killed worker
+    single = patchcore(mode="full-benchmark", data_url=str(pipeline_dataset), categories=["brick"], config=CONFIG,
+                       work_dir=str(work / "single"))
+    a, b = outputs(state.result()), outputs(single)
+    assert a["brick"]["metrics"] == b["brick"]["metrics"]
+    np.testing.assert_array_equal(a["brick"]["scores"], b["brick"]["scores"])
+    np.testing.assert_array_equal(a["brick"]["maps"], b["brick"]["maps"])
+
+
 def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):
     """A task uses its share of the worker's compute threads (torch, faiss), whatever PATCHCORE_THREADS the flow
     process has; numba's pool is the worker's budget (the project's numba kernels are serial)."""
