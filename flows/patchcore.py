@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
@@ -93,9 +94,14 @@ def list_categories(data_url: str) -> list[str]:
     return list_categories_lib(data_url, storage_options=get_settings().storage_options(data_url))
 
 
+def images_per_shard() -> int:
+    """The shard size, read in the flow and passed to the tasks, so that every worker cuts the same shards."""
+    return get_settings().images_per_shard or extract.IMAGES_PER_SHARD
+
+
 def submit_features(fetched: FetchResult, config: DetectorParams, work_dir: str, split: str) -> PrefectFuture:
     """One extraction task per shard of the split, then the task that marks the split complete."""
-    size = get_settings().images_per_shard  # read once here, so that every worker cuts the same shards
+    size = images_per_shard()
     split_plan = plan_extract.submit(fetched, config, work_dir, split, size)
     parts = [extract_part.submit(split_plan, config, i) for i in range(extract.n_shards(fetched, split, size))]
     return finish_extract.submit(split_plan, parts)
@@ -104,7 +110,7 @@ def submit_features(fetched: FetchResult, config: DetectorParams, work_dir: str,
 def submit_scores(model: Any, test: Any, canary: FetchResult, work_dir: str) -> PrefectFuture:
     """One scoring task per test shard, then the task that writes predictions.parquet and the maps."""
     parts = [score_part.submit(model, test, work_dir, i)
-             for i in range(extract.n_shards(canary, "test", get_settings().images_per_shard))]
+             for i in range(extract.n_shards(canary, "test", images_per_shard()))]
     return merge_scores.submit(model, test, canary, work_dir, parts)
 
 
@@ -192,18 +198,19 @@ def run_category_deployments(deployment: str, categories: list[str], parameters:
     logger = get_run_logger()
     runs = {c: run_deployment(deployment, parameters=parameters(c), timeout=0) for c in categories}
     logger.info(f"{len(runs)} flow runs of {deployment}: " + ", ".join(f"{c}={r.name}" for c, r in runs.items()))
-    pending, outcomes = dict(runs), {}
+    category_of = {run.id: c for c, run in runs.items()}
+    outcomes: dict[str, Any | Exception] = {}
     with get_client(sync_client=True) as client:
-        while pending:
-            for category, run in list(pending.items()):
-                state = client.read_flow_run(run.id).state
-                if state is not None and state.is_final():
-                    del pending[category]
+        while len(outcomes) < len(runs):  # one API call per poll for all the runs still going
+            going = [run_id for run_id, c in category_of.items() if c not in outcomes]
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=going)),
+                                             limit=len(going)):
+                if run.state is not None and run.state.is_final():
                     try:
-                        outcomes[category] = state.result()
+                        outcomes[category_of[run.id]] = run.state.result()
                     except Exception as exc:  # noqa: BLE001 - reported per category by the caller
-                        outcomes[category] = exc
-            if pending:
+                        outcomes[category_of[run.id]] = exc
+            if len(outcomes) < len(runs):
                 time.sleep(poll_seconds)
     return {c: outcomes[c] for c in categories}
 

@@ -31,8 +31,9 @@ class PipelineSettings(BaseSettings):
     )
     retention_days: float | None = Field(
         None, ge=0, description="`python -m tasks.gc` removes stage folders unused for this many days (none: keep)")
-    images_per_shard: int = Field(
-        32, ge=1, description="images per feature shard: the unit of work a cluster spreads (one task per shard)")
+    images_per_shard: int | None = Field(
+        None, ge=1, description="images per feature shard: the unit of work a cluster spreads (one task per shard; "
+                                "none: patchcore_core.stages.extract.IMAGES_PER_SHARD, 32)")
     dask_address: str | None = Field(
         None, description="run the flows' tasks on this Dask scheduler (tcp://host:8786); the work dir must be shared")
     dask_workers: int | None = Field(

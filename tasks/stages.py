@@ -24,7 +24,7 @@ def fetch_category(data_url: str, category: str, work_dir: str) -> fetch.FetchRe
 
 @task(name="plan-extract", task_run_name="plan-{fetched.category}-{split}", **STAGE_TASK)
 def plan_extract(fetched: fetch.FetchResult, params: DetectorParams, work_dir: str, split: str,
-                 images_per_shard: int = extract.IMAGES_PER_SHARD) -> extract.SplitPlan:
+                 images_per_shard: int) -> extract.SplitPlan:
     """List the split and fingerprint its shards once; every part task and the finish read this plan."""
     return extract.plan(fetched, params, split, work_dir, images_per_shard)
 

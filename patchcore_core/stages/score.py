@@ -147,8 +147,8 @@ def score_part(model: ModelResult, test: SplitFeatures, index: int, work_dir: st
         return str(path)
     detector = _detector(model, test, out, runtime)
     shard = test.shards[index]
-    n = shard_io.count_rows([shard]) // test.patches_per_image
-    first = int(pq.read_table(shard, columns=["image_index"]).column(0)[0].as_py())
+    meta = shard_io.read_shard_metadata(shard)  # the footer only
+    first, n = int(meta["first_image"]), int(meta["n_images"])
     start = time.perf_counter()
     batches = ((positions - first, feats) for positions, feats in shard_io.iter_image_batches([shard]))
     scores, maps = score_stream(batches, detector.score_patch_features, n, detector.image_size)
@@ -174,8 +174,8 @@ def merge(model: ModelResult, test: SplitFeatures, fetched: FetchResult, work_di
     if len(listing.test) != test.n_images:
         raise DataError(f"{fetched.root}/{test.category}: {len(listing.test)} test images, shards hold "
                         f"{test.n_images}")
-    detector = _detector(model, test, out, runtime)
-    size = detector.image_size
+    # The crop settings come from the model's settings: loading its bank and index here would only read two ints.
+    resize, size = model.params["resize"], model.params["image_size"]
     scores = np.empty(test.n_images, np.float32)
     maps = np.empty((test.n_images, size, size), np.float32)
     seconds = 0.0
@@ -187,7 +187,7 @@ def merge(model: ModelResult, test: SplitFeatures, fetched: FetchResult, work_di
         scores[where] = table.column("score").to_numpy()
         maps[where] = shard_io.embeddings_view(table.column("map")).reshape(-1, size, size)
         seconds += json.loads(table.schema.metadata[b"patchcore.score_part"])["seconds"]
-    masks = load_masks(listing.test, detector.resize, detector.image_size)
+    masks = load_masks(listing.test, resize, size)
     result = finish_scores(out, listing, scores, maps, masks, seconds)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     return result
