@@ -26,6 +26,11 @@ from pathlib import Path
 DEFAULT_ACCESS_KEY = "patchcore"
 DEFAULT_SECRET_KEY = "patchcore-secret"
 HOST = "127.0.0.1"
+# `weed mini` otherwise sizes its volume count as free disk / volume size (1 GiB on a large disk) and every bucket
+# takes a volume of its own: with 3 GiB free the third bucket's first PutObject fails with InternalError ("no free
+# volumes left"). Volume files are sparse, so a fixed, generous count costs no disk until data is written.
+VOLUME_SIZE_MB = 256
+MAX_VOLUMES = 512
 
 
 def find_weed() -> str | None:
@@ -66,12 +71,16 @@ class SeaweedS3:
         secret_key: str = DEFAULT_SECRET_KEY,
         s3_port: int | None = None,
         weed: str | None = None,
+        volume_size_mb: int = VOLUME_SIZE_MB,
+        max_volumes: int = MAX_VOLUMES,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.access_key = access_key
         self.secret_key = secret_key
         self.s3_port = s3_port
         self.weed = weed or find_weed()
+        self.volume_size_mb = volume_size_mb
+        self.max_volumes = max_volumes
         self.process: subprocess.Popen | None = None
         self.log_path = self.data_dir / "weed.log"
 
@@ -106,6 +115,7 @@ class SeaweedS3:
             f"-s3.port={self.s3_port}", f"-s3.port.grpc={s3_grpc}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}",
+            f"-master.volumeSizeLimitMB={self.volume_size_mb}", f"-volume.max={self.max_volumes}",
         ]
 
     def start(self, timeout: float = 60.0, attempts: int = 3) -> SeaweedS3:
@@ -213,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="write the embedded demo dataset and upload it")
     parser.add_argument("--access-key", default=os.environ.get("PATCHCORE_S3_ACCESS_KEY", DEFAULT_ACCESS_KEY))
     parser.add_argument("--secret-key", default=os.environ.get("PATCHCORE_S3_SECRET_KEY", DEFAULT_SECRET_KEY))
+    parser.add_argument("--volume-size-mb", type=int, default=VOLUME_SIZE_MB, help="SeaweedFS volume size limit")
+    parser.add_argument("--max-volumes", type=int, default=MAX_VOLUMES,
+                        help="volume count (sparse files; each bucket takes at least one)")
     parser.add_argument("--no-wait", action="store_true", help="upload and stop instead of serving")
     args = parser.parse_args(argv)
 
-    server = SeaweedS3(args.data_dir, args.access_key, args.secret_key, s3_port=args.port).start()
+    server = SeaweedS3(args.data_dir, args.access_key, args.secret_key, s3_port=args.port,
+                       volume_size_mb=args.volume_size_mb, max_volumes=args.max_volumes).start()
     try:
         server.create_bucket(args.bucket)
         url = f"s3://{args.bucket}/{args.prefix.strip('/')}"

@@ -109,6 +109,22 @@ def test_fetch_from_s3_manifest_incremental_and_errors(s3_server, s3_dataset, pi
         fetch_category(s3_dataset, "brick", cache, dict(opts, secret="wrong-secret"))
 
 
+def test_s3_server_takes_a_write_in_every_new_bucket(s3_server):
+    """Each bucket takes a SeaweedFS volume of its own; the local server must not size its volume count from the
+    free disk (CI failed a PutObject with InternalError on its third bucket when the disk had little room)."""
+    fs = s3_server._client()
+    buckets = [f"many-buckets-{i:02d}" for i in range(24)]
+    try:
+        for bucket in buckets:
+            s3_server.create_bucket(bucket)
+            fs.pipe(f"{bucket}/probe.txt", bucket.encode())
+        assert [fs.cat(f"{bucket}/probe.txt") for bucket in buckets] == [b.encode() for b in buckets]
+    finally:
+        for bucket in buckets:
+            if fs.exists(bucket):
+                fs.rm(bucket, recursive=True)
+
+
 def test_fetch_local_path_and_layout_validation(pipeline_dataset, tmp_path):
     result = fetch_category(str(pipeline_dataset), "gravel", tmp_path / "cache")
     assert result.n_files == 17
