@@ -21,6 +21,7 @@ from pathlib import Path
 
 from patchcore_core.config import add_cli_options, from_cli, preset_values
 from patchcore_core.errors import ConfigError
+from tasks.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         config = from_cli(args, base=preset_values("offline"))
         if args.dask_workers is not None and args.dask_workers < 1:
             raise ConfigError(f"setting --dask-workers: must be >= 1 (got {args.dask_workers})")
+        get_settings()  # the PATCHCORE_* environment, checked before any work
     except ConfigError as exc:
         print(f"python -m flows.demo: error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows.task_runner import task_runner
+from flows.task_runner import explain_lost_worker, task_runner
 from patchcore_core.config import DetectorParams
 from patchcore_core.data import list_categories as list_categories_lib
 from patchcore_core.stages import extract
@@ -170,12 +170,12 @@ def train_categories(
             submitted[category] = submit_stages(fetches[category].result(), canaries[category].result(),
                                                 config, work_dir)
         except Exception as exc:  # noqa: BLE001 - reported per category by the caller
-            outcomes[category] = exc
+            outcomes[category] = explain_lost_worker(exc)
     for category, pending in submitted.items():
         try:
             outcomes[category] = pending.result(work_dir)
         except Exception as exc:  # noqa: BLE001 - reported per category by the caller
-            outcomes[category] = exc
+            outcomes[category] = explain_lost_worker(exc)
     return {c: outcomes[c] for c in categories}
 
 
@@ -226,7 +226,7 @@ def run_categories_here(
     outcomes: dict[str, Any | Exception] = {}
     for category, out in train_categories(data_url, canary_url, categories, config, work_dir).items():
         if isinstance(out, Exception):
-            end_run(work_dir, nested[category], "FAILED")
+            end_run(work_dir, nested[category], "FAILED", error=out)
             outcomes[category] = out
             continue
         state = subflow(category, out, nested[category])
@@ -296,9 +296,10 @@ def full_benchmark(
             runs.append(CategoryRun.model_validate(outcome))  # a result read back from storage is JSON
     log_results_table(work, parent, runs)
     publish_benchmark(runs, failed, parent, tracking_uri(work))
-    end_run(work, parent, "FAILED" if failed else "FINISHED")
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(categories)} categories failed: {', '.join(failed)}")
+    error = f"{len(failed)} of {len(categories)} categories failed: {', '.join(failed)}" if failed else None
+    end_run(work, parent, "FAILED" if failed else "FINISHED", error=error)
+    if error:
+        raise RuntimeError(error)
     return runs
 
 

@@ -35,6 +35,30 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
     return ThreadPoolTaskRunner(max_workers=1)
 
 
+class WorkerLostError(RuntimeError):
+    """Dask gave up on a task because every worker that ran it died (memory limit, OOM killer, a crash)."""
+
+
+def explain_lost_worker(exc: BaseException) -> BaseException:
+    """Dask's KilledWorker reworded to name the stage, the likely cause and the setting; other errors unchanged."""
+    try:
+        from distributed import KilledWorker
+    except ImportError:  # no Dask installed: nothing to explain
+        return exc
+    if not isinstance(exc, KilledWorker):
+        return exc
+    stage = str(exc.task).rsplit("-", 1)[0]  # Prefect's Dask keys are "<task name>-<uuid hex>"
+    settings = get_settings()
+    limit = ("the scheduler's workers' --memory-limit" if settings.dask_address
+             else f"PATCHCORE_DASK_MEMORY_LIMIT={settings.dask_memory_limit}")
+    error = WorkerLostError(
+        f"stage {stage}: the Dask worker running it died {exc.allowed_failures + 1} time(s) "
+        f"(last {getattr(exc.last_worker, 'address', exc.last_worker)}), most often from its memory limit "
+        f"({limit}; docs/scale.md gives each stage's peak) or the OOM killer: the worker's log says which")
+    error.__cause__ = exc
+    return error
+
+
 def local_cluster_kwargs(workers: int, threads_per_worker: int = 1, memory_limit: str = "auto") -> dict:
     """A loopback-only LocalCluster of worker processes; its dashboard on a free loopback port (the link is in the
     flow run's log), so that concurrent runs never collide on 8787."""

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from patchcore_core.errors import ConfigError
+
+# A Dask worker that has imported torch and faiss holds about 1 GiB before its first task, every stage peaks at
+# 1.0-1.4 GB more on the smallest backbone (docs/scale.md), and the nanny restarts a worker at 95 % of its limit:
+# under this limit every stage's worker is killed and retried until Dask gives up.
+MIN_WORKER_MEMORY = 1.5 * 2**30
 
 
 class PipelineSettings(BaseSettings):
@@ -42,6 +49,32 @@ class PipelineSettings(BaseSettings):
         1, ge=1, description="threads of each local Dask worker (torch, faiss and numba use as many per task)")
     dask_memory_limit: str = Field(
         "auto", description="memory limit of each local Dask worker (Dask syntax: 4GiB, auto = RAM / workers)")
+
+    @field_validator("dask_memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: str) -> str:
+        """Dask's syntax, checked here rather than when the cluster starts: 'auto', 0 (no limit), a fraction of the
+        machine's memory up to 1, or a size (bytes or '4GiB') of at least MIN_WORKER_MEMORY."""
+        from dask.utils import format_bytes, parse_bytes
+
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        try:
+            number = float(text)
+        except ValueError:
+            try:
+                number = float(parse_bytes(text))
+            except ValueError:
+                raise ValueError("not a size Dask reads (auto, 0, a fraction up to 1, 4GiB, 4e9)") from None
+        if number < 0:
+            raise ValueError("must not be negative")
+        if 1 < number < MIN_WORKER_MEMORY:
+            raise ValueError(f"{format_bytes(int(number))} is below the {format_bytes(int(MIN_WORKER_MEMORY))} a "
+                             "worker needs: it holds about 1 GiB once torch and faiss are imported, and Dask restarts "
+                             "it at 95 % of its limit")
+        return text
+
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("PATCHCORE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
     )
@@ -63,5 +96,14 @@ class PipelineSettings(BaseSettings):
 
 
 def get_settings() -> PipelineSettings:
-    """Fresh settings from the current environment (cheap; not cached so tests can change the environment)."""
-    return PipelineSettings()
+    """Fresh settings from the current environment (cheap; not cached so tests can change the environment).
+    A bad value raises ConfigError, one line naming the variable and the value."""
+    try:
+        return PipelineSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        upper = field.upper()
+        name = upper if upper.startswith(("PATCHCORE_", "AWS_", "MLFLOW_")) else f"PATCHCORE_{upper}"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"setting {name}={first.get('input')!r}: {message}") from None

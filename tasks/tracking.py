@@ -128,9 +128,18 @@ def start_run(
     return run.info.run_id
 
 
+ERROR_TAG = "patchcore.error"  # why a run ended FAILED, as the flow's log says it (MLflow tags hold 8000 chars)
+
+
 @task(name="mlflow-end-run", **MLFLOW_TASK)
-def end_run(work_dir: str, run_id: str, status: str = "FINISHED") -> None:
-    client_for(work_dir).set_terminated(run_id, status)
+def end_run(work_dir: str, run_id: str, status: str = "FINISHED",
+            error: BaseException | str | None = None) -> None:
+    """End the run; a FAILED one carries `error` in its ERROR_TAG, so the MLflow UI says why."""
+    client = client_for(work_dir)
+    if error is not None:
+        text = str(error) or type(error).__name__
+        client.set_tag(run_id, ERROR_TAG, text if len(text) <= 4000 else text[:3997] + "...")
+    client.set_terminated(run_id, status)
 
 
 @contextlib.contextmanager
@@ -141,8 +150,8 @@ def tracked_run(work_dir: str, experiment: str, run_name: str, run_id: str | Non
     run_id = run_id or start_run(work_dir, experiment, run_name, **kwargs)
     try:
         yield run_id
-    except BaseException:
-        end_run(work_dir, run_id, "FAILED")
+    except BaseException as exc:
+        end_run(work_dir, run_id, "FAILED", error=exc)
         raise
     end_run(work_dir, run_id)
 

@@ -141,6 +141,37 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_results_are_the_same(pipe
     np.testing.assert_array_equal(a["brick"]["maps"], b["brick"]["maps"])
 
 
+def test_a_worker_over_its_memory_limit_fails_its_category_naming_the_setting(pipeline_env, pipeline_dataset,
+                                                                              monkeypatch):
+    """PATCHCORE_DASK_MEMORY_LIMIT bounds a local worker: an extraction that needs more is stopped by the nanny,
+    and the category fails with an error that names the stage and the setting (Dask's own says neither)."""
+    import dask
+    from mlflow import MlflowClient
+
+    from flows.patchcore import patchcore
+    from tasks.tracking import ERROR_TAG
+
+    monkeypatch.setenv("PATCHCORE_DASK_MEMORY_LIMIT", "1.5GiB")  # the least the settings accept
+    # 8 images at 768 px: measured in one process, 0.95 GiB after the imports and 2.27 GiB at the peak; Dask
+    # restarts the worker at 95 % of 1.5 GiB
+    heavy = CONFIG.model_copy(update={"backbone": "efficientnet_lite1", "resize": 768, "image_size": 768,
+                                      "batch_size": 8})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # give up at the first death
+        state = patchcore(mode="full-benchmark", data_url=str(pipeline_dataset), categories=["brick"], config=heavy,
+                          work_dir=str(pipeline_env["work_dir"]), dask_workers=1, return_state=True)
+    assert state.is_failed()
+    work = pipeline_env["work_dir"]
+    assert not list(work.glob("features/**/*.parquet")) and not list(work.glob("stages/brick/*"))  # nothing partial
+    client = MlflowClient(pipeline_env["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    brick = [r for r in runs if r.data.tags.get("category") == "brick"]
+    assert brick and all(r.info.status == "FAILED" for r in brick)
+    assert "1 of 1 categories failed: brick" in state.message, state.message
+    why = brick[0].data.tags[ERROR_TAG]
+    assert why.startswith("stage extract_part: the Dask worker running it died 1 time(s)"), why
+    assert "PATCHCORE_DASK_MEMORY_LIMIT=1.5GiB" in why, why
+
+
 def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):
     """A task uses its share of the worker's compute threads (torch, faiss), whatever PATCHCORE_THREADS the flow
     process has; numba's pool is the worker's budget (the project's numba kernels are serial)."""
@@ -182,3 +213,17 @@ def test_demo_with_dask_workers(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "a local Dask cluster of 2 workers" in done.stdout, done.stdout[-2000:]
     assert "| brick |" in done.stdout, done.stdout[-2000:]
+
+
+def test_demo_refuses_a_bad_memory_limit_before_any_work(tmp_path):
+    """A memory limit Dask cannot read, or too small for a worker, is one line naming the variable, exit code 2,
+    and no work dir: nothing starts (Dask's own error came after the MLflow runs had started)."""
+    for value, message in (("4 gigs", "not a size Dask reads"), ("1GiB", "below the 1.50 GiB a worker needs")):
+        env = {**os.environ, "PATCHCORE_DASK_MEMORY_LIMIT": value}
+        done = subprocess.run([sys.executable, "-m", "flows.demo", "--work-dir", str(tmp_path / "demo"),
+                               "--dask-workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], done.stderr
+        assert lines[0].startswith(f"python -m flows.demo: error: setting PATCHCORE_DASK_MEMORY_LIMIT={value!r}: ")
+        assert not (tmp_path / "demo").exists()

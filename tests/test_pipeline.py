@@ -319,3 +319,29 @@ def test_settings_storage_options_from_standard_env(monkeypatch):
     monkeypatch.setenv("PATCHCORE_S3_ENDPOINT_URL", "http://127.0.0.1:2")
     assert get_settings().storage_options("s3://b")["endpoint_url"] == "http://127.0.0.1:2"
     assert "s" not in repr(get_settings().s3_secret_key)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("PATCHCORE_DASK_MEMORY_LIMIT", "4 gigs", "not a size Dask reads"),
+    ("PATCHCORE_DASK_MEMORY_LIMIT", "1GB", "below the 1.50 GiB a worker needs"),
+    ("PATCHCORE_DASK_MEMORY_LIMIT", "-2", "must not be negative"),
+    ("PATCHCORE_DASK_WORKERS", "two", "valid integer"),
+    ("PATCHCORE_IMAGES_PER_SHARD", "0", "greater than or equal to 1"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, variable, value, message):
+    from patchcore_core.errors import ConfigError
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as raised:
+        get_settings()
+    text = str(raised.value)
+    assert text.startswith(f"setting {variable}={value!r}: ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("value", ["auto", "0", "0.25", "1.5GiB", "8GB", "4e9"])
+def test_dask_memory_limits_dask_reads_are_kept(monkeypatch, value):
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("PATCHCORE_DASK_MEMORY_LIMIT", value)
+    assert get_settings().dask_memory_limit == value
