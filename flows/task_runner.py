@@ -69,4 +69,13 @@ def local_cluster_kwargs(workers: int, threads_per_worker: int = 1, memory_limit
     # The workers' compute budget is their own thread count, whatever PATCHCORE_THREADS the flow process has.
     return {"n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True,
             "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "memory_limit": memory_limit,
-            "env": {"PATCHCORE_THREADS": str(threads_per_worker), "NUMBA_NUM_THREADS": str(threads_per_worker)}}
+            "env": {"PATCHCORE_THREADS": str(threads_per_worker), "NUMBA_NUM_THREADS": str(threads_per_worker)},
+            "config": WORKER_MEMORY_CONFIG}
+
+
+# The stages keep no data in Dask's memory (each writes its output to the work dir and returns paths), so Dask's
+# spilling has nothing to spill, and its pause at 80 % of the limit would wait forever for memory that only the
+# process holds (the freed heap that tune_allocator keeps, torch's caches): a worker paused between two stages
+# never takes the next one. The limit stays a hard bound: the nanny restarts a worker at 95 % of it.
+WORKER_MEMORY_CONFIG = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
+                        "distributed.worker.memory.pause": False}

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,31 @@ def test_a_worker_over_its_memory_limit_fails_its_category_naming_the_setting(pi
     why = brick[0].data.tags[ERROR_TAG]
     assert why.startswith("stage extract_part: the Dask worker running it died 1 time(s)"), why
     assert "PATCHCORE_DASK_MEMORY_LIMIT=1.5GiB" in why, why
+
+
+def test_a_local_worker_holding_most_of_its_limit_still_takes_tasks(pipeline_env):
+    """A worker whose process holds more than Dask's pause threshold (80 % of its limit) between two stages, as
+    the kept heap and torch's caches do, must still run the next stage: with Dask's default it paused and the flow
+    waited forever (seen once in the memory-limit test). Above 95 % the nanny still restarts it."""
+    from distributed import Client, LocalCluster
+
+    from flows.task_runner import local_cluster_kwargs
+
+    def hold(dask_worker, nbytes: int) -> int:
+        import numpy as np
+
+        dask_worker.patchcore_test_held = np.ones(nbytes, dtype=np.uint8)  # written pages: resident memory
+        return dask_worker.monitor.get_process_memory()
+
+    limit = 1536 * 2**20
+    with LocalCluster(**local_cluster_kwargs(1, 1, f"{limit}B")) as cluster, Client(cluster) as client:
+        base = client.run(lambda dask_worker: dask_worker.monitor.get_process_memory())
+        (worker, rss), = base.items()
+        held = client.run(hold, nbytes=int(0.87 * limit) - rss)[worker]
+        assert 0.8 * limit < held < 0.95 * limit, (rss, held)
+        time.sleep(2)  # several memory-monitor ticks: Dask's default would have paused the worker by now
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+        assert client.run(lambda dask_worker: str(dask_worker.status))[worker] == "Status.running"
 
 
 def test_worker_threads_bound_torch_faiss_and_numba(pipeline_env, monkeypatch):

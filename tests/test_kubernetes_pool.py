@@ -261,6 +261,17 @@ def test_docs_dask_cluster_manifest_is_a_valid_gpu_cluster():
     assert scheduler["spec"]["containers"][0]["image"] == worker["image"]
     env = _env(worker)
     assert env["PATCHCORE_DEVICE"]["value"] == "cuda" and env["PATCHCORE_WORK_DIR"]["value"] == "/work"
+    # Dask reads the DASK_* variables into the same memory settings the local workers get.
+    from dask.config import collect_env
+
+    from flows.task_runner import WORKER_MEMORY_CONFIG
+
+    collected = collect_env({k: e["value"] for k, e in env.items() if k.startswith("DASK_")})
+    for key, value in WORKER_MEMORY_CONFIG.items():
+        node = collected
+        for part in key.split("."):
+            node = node[part]
+        assert node is value, (key, node)
     template_env = _env(json.loads(TEMPLATE.read_text())["job_configuration"]["job_manifest"]["spec"]["template"][
         "spec"]["containers"][0])
     for secret in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"):
